@@ -1,0 +1,109 @@
+"""
+Component C{http-forward}: hand federated calls to a local HTTP service, as
+Wire's federator hands them to brig or galley.
+
+    [components.brig]
+    plugin = "http-forward"
+    url = "http://127.0.0.1:8081"
+    timeout = 10            # seconds; default [limits] component_timeout
+
+A call for RPC C{r} becomes C{POST {url}/federation/r} with the body as it
+came, C{Content-Type: application/json}, C{Wire-Origin-Domain} (the validated
+origin), C{Request-Id} and any C{X-Wire-API-Version}.  The service's status
+and body go back to the peer with its C{Content-Type} only.  When the service
+cannot be reached or does not answer in time the peer gets
+C{component-unavailable}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from fedserver.client import BodyTooLarge, read_body
+from fedserver.config import Options
+from fedserver.context import Context
+from fedserver.errors import FederationError
+from fedserver.hookspecs import hookimpl
+from fedserver.interfaces import IComponentHandler
+from fedserver.values import FederatedCall, Response
+
+
+@implementer(IComponentHandler)
+class HTTPForwardComponent:
+    """
+    @param http: a treq-compatible client (C{treq.HTTPClient}, or
+        C{treq.testing.StubTreq} in tests).
+    """
+
+    def __init__(self, name: str, url: str, http: Any, *, timeout: float, max_body_bytes: int,
+                 reactor: Any) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self.http = http
+        self.timeout = timeout
+        self.max_body_bytes = max_body_bytes
+        self.reactor = reactor
+
+    def handle(self, call: FederatedCall) -> "Deferred[Response]":
+        headers = {
+            "Content-Type": ["application/json"],
+            "Wire-Origin-Domain": [call.origin_domain],
+            "Request-Id": [call.request_id],
+        }
+        version = call.header("X-Wire-API-Version")
+        if version is not None:
+            headers["X-Wire-API-Version"] = [version]
+        d = self.http.post(
+            f"{self.url}/federation/{call.rpc}",
+            data=call.body,
+            headers=headers,
+        )
+        d.addCallback(self._answer)
+        d.addTimeout(self.timeout, self.reactor)
+        d.addErrback(self._failed)
+        return d
+
+    def _answer(self, response: Any) -> "Deferred[Response]":
+        d = read_body(response, self.max_body_bytes)
+        content_type = response.headers.getRawHeaders(b"content-type", [b"application/json"])[0]
+        d.addCallback(
+            lambda body: Response(response.code, [("Content-Type", content_type.decode("latin-1"))], body)
+        )
+        return d
+
+    def _failed(self, failure: Failure) -> None:
+        failure.trap(Exception)
+        if failure.check(FederationError):
+            failure.raiseException()
+        if failure.check(BodyTooLarge):
+            reason = "its answer is larger than [limits] max_body_bytes"
+        else:
+            reason = str(failure.value).strip() or type(failure.value).__name__
+        raise FederationError(
+            f"the local component {self.name} ({self.url}) failed: {reason}",
+            "component-unavailable",
+        )
+
+
+def make_http_forward(options: Options, context: Context) -> HTTPForwardComponent:
+    url = options.get_str("url")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise options.error("url", f"must be an http:// or https:// URL without query, not {url!r}")
+    limits = context.config.limits
+    timeout = options.get_number("timeout", limits.component_timeout, minimum=0.1, maximum=3600)
+    name = options.path.rsplit(".", 1)[-1]
+    return HTTPForwardComponent(
+        name, url, context.http, timeout=timeout, max_body_bytes=limits.max_body_bytes,
+        reactor=context.reactor,
+    )
+
+
+@hookimpl
+def fedserver_component_plugins() -> dict:
+    return {"http-forward": make_http_forward}

@@ -1,0 +1,105 @@
+"""
+Authenticator C{mtls}: mutual TLS, as Wire federates.
+
+Inbound, the client certificate must chain to C{[tls] ca_certificates} and
+allow client authentication; the peer's identities are its subjectAltName DNS
+names (the common name only when it has none), and the backend domain it
+claims is its C{Wire-Origin-Domain} header, which the pipeline then validates
+through discovery.  Outbound, we present C{[tls] certificate} with its chain,
+verify the remote's certificate against the target's infrastructure domain,
+and claim our backend domain in C{Wire-Origin-Domain}.  TLS 1.2 at least, in
+both directions.  The table takes no options:
+
+    [authenticator]
+    plugin = "mtls"
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from fedserver.config import Options
+from fedserver.context import Context
+from fedserver.errors import AuthenticationFailure
+from fedserver.hookspecs import hookimpl
+from fedserver.interfaces import IAuthenticator
+from fedserver.tls import ClientCertificateServerOptions, PeerCertificate, TLSMaterial
+from fedserver.values import InboundRequest, OutboundRequest, Peer, Target
+
+ORIGIN_HEADER = "Wire-Origin-Domain"
+
+
+@implementer(IAuthenticator)
+class MutualTLSAuthenticator:
+    def __init__(self, material: TLSMaterial, backend_domain: str) -> None:
+        self.material = material
+        self.backend_domain = backend_domain
+        self._server_options = ClientCertificateServerOptions(material)
+        self._client_options: Dict[str, Any] = {}
+
+    def server_tls_options(self) -> ClientCertificateServerOptions:
+        return self._server_options
+
+    def client_tls_options(self, target: Target) -> Any:
+        options = self._client_options.get(target.infra_domain)
+        if options is None:
+            options = self.material.client_options(target.infra_domain)
+            self._client_options[target.infra_domain] = options
+        return options
+
+    def authenticate(self, request: InboundRequest) -> "Deferred[Peer]":
+        try:
+            return defer.succeed(self._authenticate(request))
+        except AuthenticationFailure:
+            return defer.fail()
+
+    def _authenticate(self, request: InboundRequest) -> Peer:
+        tls = request.tls
+        if not isinstance(tls, PeerCertificate):
+            raise AuthenticationFailure(
+                "no client certificate was presented; federation requires mutual TLS",
+                "no-client-certificate",
+            )
+        if tls.verify_error is not None:
+            raise AuthenticationFailure(
+                f"the client certificate ({_subject(tls)}) is not accepted: {tls.verify_error}"
+            )
+        names = tls.names
+        if not names:
+            raise AuthenticationFailure(
+                f"the client certificate ({_subject(tls)}) names no DNS identity",
+                "certificate-parse-error",
+            )
+        origin = request.header(ORIGIN_HEADER)
+        if not origin:
+            raise AuthenticationFailure(
+                f"the {ORIGIN_HEADER} header is missing", "no-origin-domain"
+            )
+        return Peer(
+            identities=names,
+            claimed_domain=origin.strip().lower(),
+            domain_proven=False,
+            fingerprint=tls.fingerprint,
+        )
+
+    def prepare_outbound(self, request: OutboundRequest, target: Target) -> "Deferred[OutboundRequest]":
+        return defer.succeed(request.with_header(ORIGIN_HEADER, self.backend_domain))
+
+
+def _subject(tls: PeerCertificate) -> str:
+    return tls.certificate.subject.rfc4514_string() or "no subject"
+
+
+def make_mtls(options: Options, context: Context) -> MutualTLSAuthenticator:
+    return MutualTLSAuthenticator(
+        context.tls_material("the mtls authenticator"), context.backend_domain
+    )
+
+
+@hookimpl
+def fedserver_authenticator_plugins() -> dict:
+    return {"mtls": make_mtls}

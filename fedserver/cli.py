@@ -1,0 +1,172 @@
+"""
+The C{fedserver} command: operator tools over the library.
+
+    fedserver check-config FILE
+    fedserver plugins
+    fedserver federation-request --config FILE [--method M] [--body JSON] DESTINATION PATH
+    fedserver dev-pki DIR --domain NAME [--domain NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Optional, Sequence
+
+from fedserver.errors import ConfigError, FederationError
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from fedserver.service import build_service
+
+    try:
+        build_service(args.file, migrate=False)
+    except ConfigError as e:
+        print(f"fedserver: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from fedserver.registry import PluginRegistry, describe, make_plugin_manager
+
+    try:
+        registry = PluginRegistry(make_plugin_manager())
+    except ConfigError as e:
+        print(f"fedserver: {e}", file=sys.stderr)
+        return 1
+    rows = describe(registry)
+    width = max((len(kind) for kind, _, _ in rows), default=4)
+    name_width = max((len(name) for _, name, _ in rows), default=4)
+    for kind, name, source in rows:
+        print(f"{kind:<{width}}  {name:<{name_width}}  {source}")
+    return 0
+
+
+def _federation_request(args: argparse.Namespace) -> int:
+    from twisted.internet import task
+
+    body = b""
+    if args.body is not None:
+        try:
+            json.loads(args.body)
+        except ValueError as e:
+            print(f"fedserver: --body is not valid JSON: {e}", file=sys.stderr)
+            return 2
+        body = args.body.encode("utf-8")
+    if not args.path.startswith("/"):
+        print("fedserver: PATH must start with /", file=sys.stderr)
+        return 2
+    # react() stops the reactor and exits with the code main fails with
+    task.react(_send_federation_request, (args, body))
+    return 1  # pragma: no cover - react() exits
+
+
+async def _run_federation_request(reactor: Any, args: argparse.Namespace, body: bytes) -> int:
+    from fedserver.service import build_service
+    from fedserver.values import FederatedCall, OutboundRequest
+
+    try:
+        service = build_service(args.config, reactor=reactor, migrate=False, listen=False)
+    except ConfigError as e:
+        print(f"fedserver: {e}", file=sys.stderr)
+        return 1
+    pipeline = service.pipeline
+    parts = args.path.split("?", 1)[0].split("/")
+    component, rpc = (parts[2], parts[3]) if len(parts) == 4 and parts[1] == "federation" else ("", "")
+    call = FederatedCall(
+        origin_domain=pipeline.backend_domain,
+        target_domain=args.destination,
+        component=component,
+        rpc=rpc,
+        method=args.method,
+        headers=(),
+        body=body,
+        request_id="federation-request",
+    )
+    headers = [("Request-Id", call.request_id)]
+    if body:
+        headers.append(("Content-Type", "application/json"))
+    request = OutboundRequest(
+        destination=args.destination, method=args.method, path=args.path, headers=headers, body=body
+    )
+    try:
+        for authorizer in pipeline.authorizers:
+            await authorizer.authorize_outbound(args.destination, call)
+        response = await pipeline.send(request)
+    except FederationError as e:
+        print(json.dumps(e.to_json(), indent=2))
+        print(f"fedserver: {e.label}: {e.message}", file=sys.stderr)
+        return 1
+    finally:
+        await pipeline.client.close()
+    print(f"HTTP {response.code}", file=sys.stderr)
+    text = response.body.decode("utf-8", "replace")
+    try:
+        text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        pass
+    print(text)
+    return 0 if 200 <= response.code < 300 else 1
+
+
+def _send_federation_request(reactor: Any, args: argparse.Namespace, body: bytes) -> Any:
+    from twisted.internet.defer import Deferred
+
+    d = Deferred.fromCoroutine(_run_federation_request(reactor, args, body))
+
+    def exit_with(code: int) -> None:
+        raise SystemExit(code)
+
+    d.addCallback(exit_with)
+    return d
+
+
+def _dev_pki(args: argparse.Namespace) -> int:
+    from fedserver.pki import create_dev_pki
+
+    create_dev_pki(args.directory, args.domain)
+    for domain in args.domain:
+        print(f"{args.directory}/{domain}.pem  {args.directory}/{domain}.key")
+    print(f"{args.directory}/ca.pem  (the CA every backend lists in [tls] ca_certificates)")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedserver", description="fedserver operator tools")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check-config", help="validate a configuration as startup does")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(run=_check_config)
+
+    plugins = commands.add_parser("plugins", help="list installed plugins by interface")
+    plugins.set_defaults(run=_plugins)
+
+    request = commands.add_parser(
+        "federation-request",
+        help="send a request to a remote backend's inward listener as this backend",
+    )
+    request.add_argument("--config", required=True, metavar="FILE")
+    request.add_argument("--method", default="POST", type=str.upper)
+    request.add_argument("--body", metavar="JSON", help="request body (JSON)")
+    request.add_argument("destination", metavar="DESTINATION", help="backend domain")
+    request.add_argument("path", metavar="PATH", help="e.g. /federation/brig/get-user-by-handle")
+    request.set_defaults(run=_federation_request)
+
+    pki = commands.add_parser("dev-pki", help="make a development CA and certificates")
+    pki.add_argument("directory", metavar="DIR")
+    pki.add_argument("--domain", action="append", required=True, metavar="NAME")
+    pki.set_defaults(run=_dev_pki)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

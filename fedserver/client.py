@@ -1,0 +1,272 @@
+"""
+The outbound HTTP client that talks to remote backends' inward listeners.
+
+One persistent connection pool serves every target.  A connection is made to
+the target's host and port and TLS-verified against its infrastructure domain,
+which is also the pool key's host: any pooled connection to that domain and
+port was verified for that domain and may be reused.  Every request is bounded
+in time (connect, then the whole exchange) and in the size of the answer.
+Failures become labelled L{FederationError}s:
+
+ - C{federation-connection-refused} (521): nothing answered, or the
+   connection broke before an answer;
+ - C{federation-tls-error} (525): the TLS handshake failed (for instance, the
+   remote certificate does not match the infrastructure domain);
+ - C{federation-timeout} (504): no complete answer in time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional
+
+from OpenSSL import SSL
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web import client as web_client
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
+from zope.interface import implementer
+
+from fedserver.errors import FederationError
+from fedserver.values import OutboundRequest, Response, Target
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """Send a request body that is already in memory, in one write."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> "Deferred[None]":
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class BodyTooLarge(Exception):
+    """An answer's body is larger than the limit."""
+
+
+class _LimitedBodyReader(Protocol):
+    """Collect a response body, giving up past C{limit} bytes."""
+
+    def __init__(self, finished: "Deferred[bytes]", limit: int) -> None:
+        self._finished = finished
+        self._limit = limit
+        self._parts: List[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._finished.errback(BodyTooLarge(self._size))
+            self.transport.stopProducing()  # type: ignore[union-attr]
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
+        if self._finished.called:
+            return
+        if reason.check(web_client.ResponseDone, web_client.PotentialDataLoss):
+            self._finished.callback(b"".join(self._parts))
+        else:
+            self._finished.errback(reason)
+
+
+def read_body(response: Any, limit: int) -> "Deferred[bytes]":
+    """
+    The body of a Twisted web client response, failing with a
+    C{federation-remote-error} past C{limit} bytes.
+    """
+    if response.length is not UNKNOWN_LENGTH and response.length > limit:
+        response.deliverBody(_Discard())
+        return defer.fail(BodyTooLarge(response.length))
+    finished: "Deferred[bytes]" = Deferred()
+    response.deliverBody(_LimitedBodyReader(finished, limit))
+    return finished
+
+
+class _Discard(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+
+@implementer(IAgentEndpointFactory)
+class _TargetEndpoints:
+    def __init__(self, reactor: Any, target: Target, tls: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._target = target
+        self._tls = tls
+        self._timeout = connect_timeout
+
+    def endpointForURI(self, uri: Any) -> Any:
+        tcp = HostnameEndpoint(
+            self._reactor, self._target.host, self._target.port, timeout=self._timeout
+        )
+        return wrapClientTLS(self._tls, tcp)
+
+
+class NotDelivered(FederationError):
+    """
+    The request certainly did not reach the remote backend (no connection,
+    or the TLS handshake failed), so another target may be tried.
+    """
+
+
+def _reasons(failure: Failure) -> List[Failure]:
+    """C{failure} and every failure nested in Twisted's web client wrappers."""
+    found = [failure]
+    for nested in getattr(failure.value, "reasons", None) or ():
+        found.extend(_reasons(nested))
+    return found
+
+
+def classify_failure(failure: Failure, target: Target) -> FederationError:
+    """Turn a failed outbound exchange with C{target} into a labelled error."""
+    where = f"{target.infra_domain} ({target.host}:{target.port})"
+    data = {"type": "federation", "domain": target.infra_domain}
+    for reason in _reasons(failure):
+        if reason.check(FederationError):
+            return reason.value
+        if reason.check(SSL.Error) or type(reason.value).__name__ == "VerificationError":
+            return NotDelivered(
+                f"TLS with {where} failed: {_tls_text(reason.value)}",
+                "federation-tls-error",
+                data=data,
+            )
+        if reason.check(defer.TimeoutError, defer.CancelledError, error.TimeoutError):
+            return FederationError(
+                f"{where} did not answer in time", "federation-timeout", data=data
+            )
+        if reason.check(BodyTooLarge):
+            return FederationError(
+                f"the answer from {where} is larger than [limits] max_body_bytes",
+                "federation-remote-error",
+                data=data,
+            )
+    for reason in _reasons(failure):
+        if reason.check(error.ConnectingCancelledError):
+            return NotDelivered(
+                f"connecting to {where} took too long", "federation-timeout", data=data
+            )
+        if reason.check(error.ConnectError, error.DNSLookupError):
+            return NotDelivered(
+                f"cannot connect to {where}: {_plain(reason.value)}",
+                "federation-connection-refused",
+                data=data,
+            )
+    for reason in _reasons(failure):
+        if reason.check(error.ConnectionLost, error.ConnectionDone,
+                        web_client.ResponseNeverReceived, web_client.ResponseFailed):
+            return FederationError(
+                f"cannot reach {where}: {_plain(reason.value)}",
+                "federation-connection-refused",
+                data=data,
+            )
+    return FederationError(
+        f"talking to {where} failed: {_plain(failure.value)}",
+        "federation-connection-refused",
+        data=data,
+    )
+
+
+def _plain(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.rstrip(".")
+
+
+def _tls_text(exc: BaseException) -> str:
+    if isinstance(exc, SSL.Error) and exc.args and isinstance(exc.args[0], list):
+        parts = [item[-1] for item in exc.args[0] if isinstance(item, tuple) and item]
+        if parts:
+            return "; ".join(str(p) for p in parts)
+    return _plain(exc)
+
+
+class FederationClient:
+    """
+    Sends L{OutboundRequest}s to L{Target}s over a shared connection pool.
+
+    @param tls_for: gives the client TLS settings for a target (the
+        authenticator's C{client_tls_options}).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        tls_for: Callable[[Target], Any],
+        *,
+        request_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        max_body_bytes: int = 1024 * 1024,
+        pool: Optional[web_client.HTTPConnectionPool] = None,
+    ) -> None:
+        self._reactor = reactor
+        self._tls_for = tls_for
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.max_body_bytes = max_body_bytes
+        if pool is None:
+            pool = web_client.HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = 16
+            pool.cachedConnectionTimeout = 120
+            pool.retryAutomatically = False
+        self.pool = pool
+
+    def send(self, target: Target, request: OutboundRequest) -> "Deferred[Response]":
+        """
+        Send C{request} to C{target}; fire with its L{Response} whatever the
+        status code, or fail with a labelled L{FederationError}.
+        """
+        agent = web_client.Agent.usingEndpointFactory(
+            self._reactor,
+            _TargetEndpoints(self._reactor, target, self._tls_for(target), self.connect_timeout),
+            pool=self.pool,
+        )
+        host = target.infra_domain
+        uri = f"https://{host}:{target.port}{request.path}".encode("ascii")
+        headers = Headers()
+        for name, value in request.headers:
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        producer = BytesProducer(request.body) if request.body or request.method in (
+            "POST", "PUT", "PATCH") else None
+        d = agent.request(request.method.encode("ascii"), uri, headers, producer)
+
+        def got_response(response: Any) -> "Deferred[Response]":
+            received = read_body(response, self.max_body_bytes)
+            header_pairs = [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, values in response.headers.getAllRawHeaders()
+                for value in values
+            ]
+            received.addCallback(lambda body: Response(response.code, header_pairs, body))
+            return received
+
+        d.addCallback(got_response)
+        d.addTimeout(self.request_timeout, self._reactor)
+        d.addErrback(self._failed, target)
+        return d
+
+    @staticmethod
+    def _failed(failure: Failure, target: Target) -> None:
+        raise classify_failure(failure, target)
+
+    def close(self) -> "Deferred[None]":
+        """Close every pooled connection."""
+        return self.pool.closeCachedConnections()

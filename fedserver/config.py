@@ -1,0 +1,396 @@
+"""
+The TOML configuration file.
+
+L{load_config} reads a file into a L{Config}; every table that selects a
+plugin is an L{Options}, which the plugin reads with typed getters.  Whatever a
+table holds that nobody read is an error naming the file, the table and the
+key, so a misspelt option never goes unnoticed.  Relative paths resolve
+against the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import attrs
+
+from fedserver.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+_REQUIRED = object()
+
+
+def _describe_type(value: object) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+class Options:
+    """
+    One table of the configuration, read by the plugin or section it
+    belongs to.
+
+    @ivar file: the configuration file's path (for messages).
+    @ivar path: the table's dotted path, e.g. C{discovery} or C{components.brig}.
+    @ivar base_dir: the folder relative paths resolve against.
+    """
+
+    def __init__(self, values: Mapping[str, Any], *, file: str, path: str, base_dir: str) -> None:
+        self._values = dict(values)
+        self._used: set = set()
+        self.file = file
+        self.path = path
+        self.base_dir = base_dir
+
+    def __repr__(self) -> str:
+        return f"<Options [{self.path}] of {self.file}>"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._values
+
+    def keys(self) -> List[str]:
+        """Every key the table holds."""
+        return list(self._values)
+
+    def error(self, key: Optional[str], message: str) -> ConfigError:
+        """A L{ConfigError} about C{key} of this table (or the table itself)."""
+        where = f"[{self.path}]" + (f" {key}" if key else "")
+        return ConfigError(message, file=self.file, path=where)
+
+    def _get(self, key: str, default: Any, types: tuple, expected: str) -> Any:
+        self._used.add(key)
+        if key not in self._values:
+            if default is _REQUIRED:
+                raise self.error(key, f"is required ({expected})")
+            return default
+        value = self._values[key]
+        # bool is an int in Python; never accept one for the other
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise self.error(key, f"must be {expected}, not {_describe_type(value)} {value!r}")
+        return value
+
+    @property
+    def plugin(self) -> str:
+        """The C{plugin} key: the name of the plugin this table selects."""
+        return self.get_str("plugin")
+
+    def get_str(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A string option."""
+        value = self._get(key, default, (str,), "a string")
+        if value is not default and not value:
+            raise self.error(key, "must not be empty")
+        return value
+
+    def get_bool(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A boolean option."""
+        return self._get(key, default, (bool,), "true or false")
+
+    def get_int(
+        self,
+        key: str,
+        default: Any = _REQUIRED,
+        *,
+        minimum: Optional[int] = None,
+        maximum: Optional[int] = None,
+    ) -> Any:
+        """An integer option, optionally bounded (inclusive)."""
+        value = self._get(key, default, (int,), "an integer")
+        if value is not default:
+            self._check_range(key, value, minimum, maximum)
+        return value
+
+    def get_number(
+        self,
+        key: str,
+        default: Any = _REQUIRED,
+        *,
+        minimum: Optional[float] = None,
+        maximum: Optional[float] = None,
+    ) -> Any:
+        """A number option (integer or float), returned as a float."""
+        value = self._get(key, default, (int, float), "a number")
+        if value is not default:
+            value = float(value)
+            self._check_range(key, value, minimum, maximum)
+        return value
+
+    def _check_range(self, key: str, value: float, minimum: Any, maximum: Any) -> None:
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"must be at least {minimum}, not {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"must be at most {maximum}, not {value}")
+
+    def get_str_list(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A list of non-empty strings."""
+        value = self._get(key, default, (list,), "a list of strings")
+        if value is default:
+            return value
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise self.error(key, f"item {i} must be a non-empty string, not {item!r}")
+        return list(value)
+
+    def get_path(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A file system path, resolved against the configuration's folder."""
+        value = self.get_str(key, default)
+        if value is default:
+            return value
+        return self.resolve(value)
+
+    def get_path_list(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A list of paths, each resolved against the configuration's folder."""
+        value = self.get_str_list(key, default)
+        if value is default:
+            return value
+        return [self.resolve(v) for v in value]
+
+    def resolve(self, path: str) -> str:
+        """C{path} made absolute against the configuration's folder."""
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(path)))
+
+    def get_table(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A sub-table, as L{Options}."""
+        value = self._get(key, default, (dict,), "a table")
+        if value is default:
+            return value
+        return self._child(key, value)
+
+    def get_tables(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A table of tables (C{[key.NAME]}), as a dict of name to L{Options}."""
+        value = self._get(key, default, (dict,), "a table of tables")
+        if value is default:
+            return value
+        result = {}
+        for name, sub in value.items():
+            if not isinstance(sub, dict):
+                raise self.error(f"{key}.{name}", f"must be a table, not {_describe_type(sub)}")
+            result[name] = self._child(f"{key}.{_quote(name)}", sub)
+        return result
+
+    def get_table_list(self, key: str, default: Any = _REQUIRED, *, single_ok: bool = False) -> Any:
+        """
+        An array of tables (C{[[key]]}), as a list of L{Options}; with
+        C{single_ok}, a lone table (C{[key]}) is taken as a list of one.
+        """
+        if single_ok and isinstance(self._values.get(key), dict):
+            return [self.get_table(key)]
+        value = self._get(key, default, (list,), "an array of tables ([[...]])")
+        if value is default:
+            return value
+        result = []
+        for i, sub in enumerate(value):
+            if not isinstance(sub, dict):
+                raise self.error(f"{key}[{i}]", "must be a table")
+            result.append(self._child(f"{key}[{i}]", sub))
+        return result
+
+    def _child(self, key: str, values: Mapping[str, Any]) -> "Options":
+        path = f"{self.path}.{key}" if self.path else key
+        return Options(values, file=self.file, path=path, base_dir=self.base_dir)
+
+    def was_read(self) -> bool:
+        """Whether anybody read any key of this table."""
+        return bool(self._used)
+
+    def check_all_used(self) -> None:
+        """
+        Raise L{ConfigError} for the first key nobody read: unknown keys are
+        mistakes, never ignored.
+        """
+        unknown = [k for k in self._values if k not in self._used]
+        if unknown:
+            known = ", ".join(sorted(self._used - {"plugin"})) or "none"
+            raise self.error(unknown[0], f"is not a known option here (known options: {known})")
+
+
+def _quote(name: str) -> str:
+    return name if name.replace("-", "").replace("_", "").isalnum() else f'"{name}"'
+
+
+@attrs.frozen
+class ServerSection:
+    backend_domain: str
+    infra_domain: str
+    data_dir: str
+
+
+@attrs.frozen
+class TLSSection:
+    certificate: Optional[str]
+    private_key: Optional[str]
+    ca_certificates: Sequence[str]
+
+
+@attrs.frozen
+class Limits:
+    """
+    @ivar max_body_bytes: larger request bodies get 413 without being read.
+    @ivar request_timeout: seconds for a whole outbound federated request.
+    @ivar connect_timeout: seconds to establish an outbound connection.
+    @ivar component_timeout: seconds for a local component to answer.
+    """
+
+    max_body_bytes: int = 1024 * 1024
+    request_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    component_timeout: float = 30.0
+
+
+@attrs.frozen
+class Config:
+    """
+    A validated configuration.  Plugin tables stay L{Options} until the
+    plugin that owns them reads them.
+    """
+
+    file: str
+    base_dir: str
+    server: ServerSection
+    inward_listen: str
+    outward_listen: Optional[str]
+    tls: TLSSection
+    limits: Limits
+    storage_database: str
+    discovery: Options
+    authenticator: Options
+    authorizers: List[Options]
+    components: Dict[str, Options]
+    identity_providers: Dict[str, Options]
+    #: top-level tables that protocol plugins read (e.g. C{[matrix]})
+    sections: Dict[str, Options]
+
+    def section(self, name: str) -> Optional[Options]:
+        """A top-level table that a protocol plugin owns, if present."""
+        return self.sections.get(name)
+
+
+_DOMAIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+def check_domain(options: Options, key: str, value: str) -> str:
+    """Validate a DNS domain name (lower case ASCII labels); return it."""
+    labels = value.split(".")
+    if (
+        not value
+        or len(value) > 253
+        or any(not label or len(label) > 63 for label in labels)
+        or not set(value) <= _DOMAIN_CHARS
+        or any(label.startswith("-") or label.endswith("-") for label in labels)
+    ):
+        raise options.error(key, f"{value!r} is not a lower-case DNS domain name")
+    return value
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the configuration file at C{path}."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("the configuration file does not exist", file=path) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the configuration file: {e.strerror}", file=path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"is not valid TOML: {e}", file=path) from None
+    return parse_config(raw, file=path, base_dir=os.path.dirname(path))
+
+
+def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
+    """Validate an already parsed configuration mapping."""
+    top = Options(raw, file=file, path="", base_dir=base_dir)
+
+    server = top.get_table("server")
+    backend = check_domain(server, "backend_domain", server.get_str("backend_domain"))
+    infra = check_domain(server, "infra_domain", server.get_str("infra_domain", backend))
+    data_dir = server.get_path("data_dir", os.path.join(base_dir, "var", backend))
+    server.check_all_used()
+
+    inward = top.get_table("inward")
+    inward_listen = inward.get_str("listen")
+    inward.check_all_used()
+    outward = top.get_table("outward", None)
+    outward_listen = None
+    if outward is not None:
+        outward_listen = outward.get_str("listen")
+        outward.check_all_used()
+
+    tls = top.get_table("tls", None)
+    if tls is None:
+        tls_section = TLSSection(None, None, ())
+    else:
+        tls_section = TLSSection(
+            tls.get_path("certificate", None),
+            tls.get_path("private_key", None),
+            tuple(tls.get_path_list("ca_certificates", [])),
+        )
+        if (tls_section.certificate is None) != (tls_section.private_key is None):
+            raise tls.error(None, "certificate and private_key go together: set both or neither")
+        tls.check_all_used()
+
+    limits_table = top.get_table("limits", None)
+    limits = Limits()
+    if limits_table is not None:
+        limits = Limits(
+            max_body_bytes=limits_table.get_int(
+                "max_body_bytes", limits.max_body_bytes, minimum=1, maximum=1 << 30
+            ),
+            request_timeout=limits_table.get_number(
+                "request_timeout", limits.request_timeout, minimum=0.1, maximum=3600
+            ),
+            connect_timeout=limits_table.get_number(
+                "connect_timeout", limits.connect_timeout, minimum=0.1, maximum=600
+            ),
+            component_timeout=limits_table.get_number(
+                "component_timeout", limits.component_timeout, minimum=0.1, maximum=3600
+            ),
+        )
+        limits_table.check_all_used()
+
+    storage = top.get_table("storage", None)
+    database = f"sqlite:{os.path.join(data_dir, 'fedserver.sqlite')}"
+    if storage is not None:
+        database = storage.get_str("database", database)
+        storage.check_all_used()
+
+    discovery = top.get_table("discovery")
+    authenticator = top.get_table("authenticator")
+    for table in (discovery, authenticator):
+        table.plugin  # noqa: B018 - a missing plugin key is reported here
+    authorizers = top.get_table_list("authorizers", [])
+    for table in authorizers:
+        table.plugin  # noqa: B018
+    components = top.get_tables("components", {})
+    identity_providers = top.get_tables("identity_providers", {})
+    for table in [*components.values(), *identity_providers.values()]:
+        table.plugin  # noqa: B018
+
+    sections = {key: top.get_table(key) for key in top.keys() if key not in top._used}
+    return Config(
+        file=file,
+        base_dir=base_dir,
+        server=ServerSection(backend, infra, data_dir),
+        inward_listen=inward_listen,
+        outward_listen=outward_listen,
+        tls=tls_section,
+        limits=limits,
+        storage_database=database,
+        discovery=discovery,
+        authenticator=authenticator,
+        authorizers=authorizers,
+        components=components,
+        identity_providers=identity_providers,
+        sections=sections,
+    )

@@ -1,0 +1,75 @@
+"""
+What a plugin factory is given besides its own options.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import attrs
+
+from fedserver.config import Config
+from fedserver.errors import ConfigError
+from fedserver.tls import TLSMaterial
+
+
+@attrs.define(eq=False)
+class Context:
+    """
+    Shared resources for plugin factories, built once at startup.
+
+    @ivar reactor: the reactor; plugins never import the global one.
+    @ivar config: the whole validated L{Config}.
+    @ivar storage: the L{fedserver.storage.Store}; a plugin that keeps data
+        registers its schema with C{storage.register_schema}.
+    @ivar http: a treq-compatible HTTP client with a persistent pool, for
+        talking to local services.
+    @ivar client: the L{fedserver.client.FederationClient} for remote
+        backends, once the authenticator is built.
+    @ivar pipeline: the L{fedserver.pipeline.Pipeline}, once every provider
+        is built (for the resource and service hooks).
+    """
+
+    reactor: Any
+    config: Config
+    storage: Any
+    http: Any
+    discovery: Any = None
+    authenticator: Any = None
+    authorizers: List[Any] = attrs.Factory(list)
+    identity_providers: Dict[str, Any] = attrs.Factory(dict)
+    components: Dict[str, Any] = attrs.Factory(dict)
+    client: Any = None
+    pipeline: Any = None
+    _tls: Optional[TLSMaterial] = None
+
+    @property
+    def backend_domain(self) -> str:
+        """Our backend domain."""
+        return self.config.server.backend_domain
+
+    @property
+    def infra_domain(self) -> str:
+        """Our infrastructure domain."""
+        return self.config.server.infra_domain
+
+    def tls_material(self, needed_by: str) -> TLSMaterial:
+        """
+        Our certificate, key and CA certificates from C{[tls]}, loaded once.
+
+        @param needed_by: who needs them, for the message when C{[tls]} is
+            incomplete.
+        """
+        if self._tls is None:
+            tls = self.config.tls
+            if not tls.certificate or not tls.ca_certificates:
+                raise ConfigError(
+                    f"{needed_by} needs [tls] certificate, private_key and ca_certificates",
+                    file=self.config.file,
+                    path="[tls]",
+                )
+            try:
+                self._tls = TLSMaterial.load(tls.certificate, tls.private_key or "", tls.ca_certificates)
+            except ConfigError as e:
+                raise ConfigError(e.reason, file=self.config.file, path=e.path) from None
+        return self._tls

@@ -1,0 +1,98 @@
+"""
+The outward listener's route for local components:
+C{POST /rpc/{domain}/{component}/{rpc}}.
+
+The call goes through the pipeline to C{domain}'s component; a 2xx answer
+comes back with its body and C{Content-Type}, anything else as
+C{federation-remote-error} (533) with the remote's error under C{inner}.
+"""
+
+from __future__ import annotations
+
+import re
+
+from twisted.internet.defer import Deferred
+from twisted.web import resource, server
+
+from fedserver.errors import FederationError
+from fedserver.inward import headers_of
+from fedserver.pipeline import Pipeline, remote_error
+from fedserver.values import FederatedCall, Response
+from fedserver.web import NAME, request_id_from, require_post, serve, write_error
+
+_DOMAIN = re.compile(rb"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+class OutwardRPCResource(resource.Resource):
+    """C{/rpc/...} on the outward listener."""
+
+    isLeaf = True
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+
+    def render(self, request: server.Request) -> int:
+        request_id = request_id_from(request, b"wire-origin-request-id")
+        try:
+            domain, component, rpc = self._parse(request)
+        except FederationError as e:
+            write_error(request, e)
+            return server.NOT_DONE_YET
+        call = FederatedCall(
+            origin_domain=self.pipeline.backend_domain,
+            target_domain=domain,
+            component=component,
+            rpc=rpc,
+            method="POST",
+            headers=headers_of(request),
+            body=request.content.getvalue(),
+            request_id=request_id,
+        )
+        path = f"/federation/{component}/{rpc}"
+
+        def call_remote() -> "Deferred[Response]":
+            d = self.pipeline.call_remote(call)
+            d.addCallback(_relay_answer, domain, path)
+            return d
+
+        def with_context(error: FederationError) -> FederationError:
+            if error.data is None:
+                error.data = {"type": "federation", "domain": domain, "path": path}
+            return error
+
+        return serve(
+            request,
+            call_remote,
+            describe=f"outward {component}/{rpc} to {domain}",
+            request_id=request_id,
+            only=("content-type",),
+            on_error=with_context,
+        )
+
+    @staticmethod
+    def _parse(request: server.Request) -> tuple:
+        require_post(request)
+        parts = request.path.split(b"/")
+        # ["", "rpc", domain, component, rpc]
+        if len(parts) != 5 or parts[1] != b"rpc":
+            raise FederationError(
+                "the path must be /rpc/{domain}/{component}/{rpc}", "invalid-endpoint"
+            )
+        domain, component, rpc = parts[2:]
+        if not _DOMAIN.fullmatch(domain):
+            raise FederationError(
+                f"{domain.decode('latin-1')!r} is not a lower-case domain name", "invalid-endpoint"
+            )
+        if not (NAME.fullmatch(component) and NAME.fullmatch(rpc)):
+            raise FederationError(
+                "component and RPC names are ASCII letters, digits, '_' and '-' only",
+                "invalid-endpoint",
+            )
+        return domain.decode("ascii"), component.decode("ascii"), rpc.decode("ascii")
+
+
+def _relay_answer(response: Response, domain: str, path: str) -> Response:
+    if 200 <= response.code < 300:
+        return response
+    raise remote_error(response, domain, path)

@@ -1,0 +1,208 @@
+"""
+The federation pipeline: the protocol-independent steps between a listener
+and a component (see docs/architecture.md, "The request pipeline").
+
+Outbound: authorize (every authorizer) -> discover -> prepare (authenticator)
+-> send to the first reachable target.  Inbound: authenticate -> validate the
+claimed origin through discovery unless the authenticator proved it ->
+authorize (every authorizer) -> the component.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Optional, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from fedserver.client import FederationClient, NotDelivered
+from fedserver.errors import DiscoveryFailure, FederationError, ValidationError
+from fedserver.interfaces import IAuthenticator, IAuthorizer, IComponentHandler, IDiscovery
+from fedserver.values import FederatedCall, InboundRequest, OutboundRequest, Peer, Response
+
+#: headers a component's outbound call may carry through to the remote
+#: component (besides the ones the pipeline sets itself)
+PASSED_THROUGH = ("X-Wire-API-Version",)
+
+log = Logger(namespace="fedserver.pipeline")
+
+
+def check_json(body: bytes, what: str) -> None:
+    """Raise C{invalid-json} unless C{body} is empty or a JSON document."""
+    if not body:
+        return
+    try:
+        json.loads(body)
+    except ValueError as e:
+        raise FederationError(f"{what} is not valid JSON: {e}", "invalid-json") from None
+
+
+class Pipeline:
+    """
+    The configured providers, wired in the order the design gives.
+
+    @ivar backend_domain: our backend domain (the origin of outbound calls).
+    """
+
+    def __init__(
+        self,
+        *,
+        backend_domain: str,
+        discovery: IDiscovery,
+        authenticator: IAuthenticator,
+        authorizers: Sequence[IAuthorizer],
+        components: Mapping[str, IComponentHandler],
+        client: FederationClient,
+    ) -> None:
+        self.backend_domain = backend_domain
+        self.discovery = discovery
+        self.authenticator = authenticator
+        self.authorizers = list(authorizers)
+        self.components = dict(components)
+        self.client = client
+
+    # outbound
+
+    def call_remote(self, call: FederatedCall) -> "Deferred[Response]":
+        """
+        Send C{call} (from a local component) to C{call.target_domain}'s
+        component C{call.component}; fire with the remote's L{Response}
+        whatever its status, or fail with a labelled L{FederationError}.
+        """
+        return Deferred.fromCoroutine(self._call_remote(call))
+
+    async def _call_remote(self, call: FederatedCall) -> Response:
+        check_json(call.body, "the request body")
+        domain = call.target_domain
+        for authorizer in self.authorizers:
+            await authorizer.authorize_outbound(domain, call)
+        headers = [("Content-Type", "application/json"), ("Request-Id", call.request_id)]
+        headers += [(n, v) for n in PASSED_THROUGH if (v := call.header(n)) is not None]
+        request = OutboundRequest(
+            destination=domain,
+            method="POST",
+            path=f"/federation/{call.component}/{call.rpc}",
+            headers=headers,
+            body=call.body,
+        )
+        return await self.send(request)
+
+    def send(self, request: OutboundRequest) -> "Deferred[Response]":
+        """
+        Discover C{request.destination} and send C{request} to the first
+        target that takes it, prepared by the authenticator for each.  Only
+        failures that prove the request was not delivered move on to the next
+        target.  No authorization here: callers authorize first.
+        """
+        return Deferred.fromCoroutine(self._send(request))
+
+    async def _send(self, request: OutboundRequest) -> Response:
+        targets = await self.discovery.discover(request.destination)
+        last: Optional[FederationError] = None
+        for target in targets:
+            prepared = await self.authenticator.prepare_outbound(request, target)
+            try:
+                return await self.client.send(target, prepared)
+            except NotDelivered as e:
+                log.info(
+                    "{destination}: target {host}:{port} failed ({label}); "
+                    "{remaining} more to try",
+                    destination=request.destination,
+                    host=target.host,
+                    port=target.port,
+                    label=e.label,
+                    remaining=len(targets) - targets.index(target) - 1,
+                )
+                last = e
+        assert last is not None, "discovery returned no target"
+        raise last
+
+    # inbound
+
+    def handle_inbound(
+        self, request: InboundRequest, component: str, rpc: str, request_id: str
+    ) -> "Deferred[Response]":
+        """
+        Authenticate C{request}, validate and authorize its origin, and hand
+        it to C{component}; fire with the component's L{Response}.
+        """
+        return Deferred.fromCoroutine(self._handle_inbound(request, component, rpc, request_id))
+
+    async def _handle_inbound(
+        self, request: InboundRequest, component: str, rpc: str, request_id: str
+    ) -> Response:
+        peer = await self.authenticate(request)
+        call = FederatedCall(
+            origin_domain=peer.claimed_domain,
+            target_domain=self.backend_domain,
+            component=component,
+            rpc=rpc,
+            method=request.method,
+            headers=request.headers,
+            body=request.body,
+            request_id=request_id,
+            peer=peer,
+        )
+        await self.authorize_inbound(peer, call)
+        handler = self.components.get(component)
+        if handler is None:
+            raise FederationError(
+                f"this backend has no federated component {component!r}",
+                "unknown-component",
+            )
+        check_json(request.body, "the request body")
+        return await handler.handle(call)
+
+    async def authenticate(self, request: InboundRequest) -> Peer:
+        """The authenticated peer, its claimed domain validated."""
+        peer = await self.authenticator.authenticate(request)
+        if not peer.domain_proven:
+            await self.validate_origin(peer)
+        return peer
+
+    async def authorize_inbound(self, peer: Peer, call: FederatedCall) -> None:
+        """Every authorizer must allow C{call} from C{peer}."""
+        for authorizer in self.authorizers:
+            await authorizer.authorize_inbound(peer, call)
+
+    async def validate_origin(self, peer: Peer) -> None:
+        """
+        Require that one infrastructure domain discovered for the peer's
+        claimed backend domain is among the identities it proved.
+        """
+        claimed = peer.claimed_domain
+        try:
+            targets = await self.discovery.discover(claimed)
+        except DiscoveryFailure as e:
+            raise DiscoveryFailure(
+                f"cannot validate the origin domain {claimed}: {e.message}", e.label
+            ) from None
+        served_by = {t.infra_domain.lower() for t in targets}
+        if served_by & peer.identities:
+            return
+        raise ValidationError(
+            f"the client certificate is for {', '.join(sorted(peer.identities)) or 'no name'}, "
+            f"but discovery says {claimed} is served by {', '.join(sorted(served_by))}",
+            data={"type": "federation", "domain": claimed},
+        )
+
+
+def error_response(error: FederationError) -> Response:
+    """The JSON answer for a labelled error."""
+    return Response(error.code, [("Content-Type", "application/json")], error.to_bytes())
+
+
+def remote_error(response: Response, domain: str, path: str) -> FederationError:
+    """A non-2xx answer from a remote backend, as C{federation-remote-error}."""
+    inner: Any
+    try:
+        inner = json.loads(response.body)
+    except ValueError:
+        inner = {"code": response.code, "body": response.body[:1024].decode("utf-8", "replace")}
+    return FederationError(
+        f"{domain} answered {response.code}",
+        "federation-remote-error",
+        data={"type": "federation", "domain": domain, "path": path},
+        inner=inner,
+    )

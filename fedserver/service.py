@@ -1,0 +1,271 @@
+"""
+Building a running fedserver: the one place where configuration, plugins,
+listeners and storage are put together.
+
+C{twistd fedserver}, C{fedserver check-config} and applications that embed
+fedserver all call L{build_service}.  An embedding application may add the
+returned L{FederationService} to its own application, or mount
+C{inward_resource} / C{outward_resource} in a L{twisted.web.server.Site} of
+its own (then the inward side needs a TLS listener whose server options come
+from C{authenticator.server_tls_options()}).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+from treq.client import HTTPClient
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web import client as web_client
+from twisted.web import resource, server
+from zope.interface import implementer
+
+from fedserver.client import FederationClient
+from fedserver.config import Config, load_config
+from fedserver.context import Context
+from fedserver.errors import ConfigError
+from fedserver.inward import InwardFederationResource
+from fedserver.outward import OutwardRPCResource
+from fedserver.pipeline import Pipeline
+from fedserver.registry import PluginRegistry, check_provides, make_plugin_manager
+from fedserver.storage import Store
+from fedserver.web import FederationSite, ListenerRoot
+
+log = Logger(namespace="fedserver.service")
+
+#: seconds that stopping waits for requests in flight
+DRAIN_TIMEOUT = 10.0
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _CurrentServerTLS:
+    """Asks the authenticator for its server TLS settings on every connection."""
+
+    def __init__(self, authenticator: Any) -> None:
+        self._authenticator = authenticator
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        return self._authenticator.server_tls_options().serverConnectionForTLS(tlsProtocol)
+
+
+class _InFlight:
+    """Counts requests being answered, so that stopping can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: List[Deferred] = []
+
+    def track(self, request: server.Request) -> None:
+        self.count += 1
+        request.notifyFinish().addBoth(self._finished)
+
+    def _finished(self, _: Any) -> None:
+        self.count -= 1
+        if self.count == 0:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
+
+    def idle(self) -> "Deferred[None]":
+        if self.count == 0:
+            return defer.succeed(None)
+        d: Deferred = Deferred()
+        self._idle.append(d)
+        return d
+
+
+class _TrackingSite(FederationSite):
+    def __init__(self, root: Any, in_flight: _InFlight, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self._in_flight = in_flight
+
+    def getResourceFor(self, request: server.Request) -> Any:
+        self._in_flight.track(request)
+        return super().getResourceFor(request)
+
+
+class _Shutdown(Service):
+    """
+    First to start and last to stop: after the listeners have stopped,
+    waits (bounded) for requests in flight, then closes client pools.
+    """
+
+    def __init__(self, reactor: Any, in_flight: _InFlight, closers: List[Any]) -> None:
+        self._reactor = reactor
+        self._in_flight = in_flight
+        self._closers = closers
+
+    def stopService(self) -> "Deferred[None]":
+        super().stopService()
+        if self._in_flight.count:
+            log.info("waiting up to {t} s for {n} requests in flight", t=DRAIN_TIMEOUT,
+                     n=self._in_flight.count)
+        d = self._in_flight.idle()
+        d.addTimeout(DRAIN_TIMEOUT, self._reactor)
+        d.addErrback(lambda f: log.warn("stopped with {n} requests still in flight",
+                                        n=self._in_flight.count))
+
+        def close(_: Any) -> "Deferred[Any]":
+            return defer.gatherResults([defer.maybeDeferred(c) for c in self._closers],
+                                       consumeErrors=True)
+
+        d.addCallback(close)
+        d.addErrback(lambda f: log.failure("closing client pools failed", f))
+        return d
+
+
+class FederationService(MultiService):
+    """
+    A configured fedserver: storage, plugin services and both listeners.
+
+    @ivar context: the L{Context} every plugin was built with.
+    @ivar pipeline: the L{Pipeline}.
+    @ivar inward_resource: the inward listener's root resource.
+    @ivar outward_resource: the outward listener's root resource.
+    @ivar inward_factory: the inward protocol factory (TLS-wrapped when the
+        authenticator terminates TLS).
+    @ivar outward_site: the outward L{FederationSite}.
+    """
+
+    context: Context
+    pipeline: Pipeline
+    inward_resource: ListenerRoot
+    outward_resource: ListenerRoot
+    inward_factory: Any
+    outward_site: Any
+
+
+def build_service(
+    config: Union[Config, str],
+    *,
+    reactor: Any = None,
+    plugin_manager: Any = None,
+    migrate: bool = True,
+    listen: bool = True,
+) -> FederationService:
+    """
+    Build fedserver from C{config} (a L{Config} or a file path): every
+    plugin, the pipeline, both resources and, with C{listen}, the listener
+    services.  Nothing listens until the service starts.
+
+    @param plugin_manager: a pluggy manager (L{make_plugin_manager}); by
+        default, one with every installed plugin.
+    @param migrate: bring the database schema up to date now (blocking).
+    @raise ConfigError: anything in the configuration is wrong; the message
+        names the file, the table and the key.
+    """
+    if isinstance(config, str):
+        config = load_config(config)
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    try:
+        return _build(config, reactor, plugin_manager, migrate, listen)
+    except ConfigError as e:
+        if e.file is None:
+            raise ConfigError(e.reason, file=config.file, path=e.path) from None
+        raise
+
+
+def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, listen: bool) -> FederationService:
+    registry = PluginRegistry(plugin_manager or make_plugin_manager())
+    limits = config.limits
+    store = Store(config.storage_database, reactor=reactor)
+    local_pool = web_client.HTTPConnectionPool(reactor, persistent=True)
+    local_pool.maxPersistentPerHost = 32
+    http = HTTPClient(
+        web_client.Agent(reactor, pool=local_pool, connectTimeout=limits.connect_timeout)
+    )
+    context = Context(reactor=reactor, config=config, storage=store, http=http)
+
+    context.discovery = registry.build("discovery", config.discovery, context)
+    context.authenticator = registry.build("authenticator", config.authenticator, context)
+    context.client = FederationClient(
+        reactor,
+        context.authenticator.client_tls_options,
+        request_timeout=limits.request_timeout,
+        connect_timeout=limits.connect_timeout,
+        max_body_bytes=limits.max_body_bytes,
+    )
+    context.authorizers = [registry.build("authorizer", o, context) for o in config.authorizers]
+    context.identity_providers = {
+        name: registry.build("identity_provider", o, context)
+        for name, o in config.identity_providers.items()
+    }
+    context.components = {
+        name: registry.build("component", o, context) for name, o in config.components.items()
+    }
+    pipeline = Pipeline(
+        backend_domain=config.server.backend_domain,
+        discovery=context.discovery,
+        authenticator=context.authenticator,
+        authorizers=context.authorizers,
+        components=context.components,
+        client=context.client,
+    )
+    context.pipeline = pipeline
+
+    inward = ListenerRoot("inward listener")
+    inward.mount(b"federation", InwardFederationResource(pipeline))
+    outward = ListenerRoot("outward listener")
+    outward.mount(b"rpc", OutwardRPCResource(pipeline))
+    roots = {"inward": inward, "outward": outward}
+    for listener, segment, child in _flatten(registry.hook.fedserver_resources(context=context)):
+        if listener not in roots:
+            raise ConfigError(f"a plugin mounted /{segment!r} on unknown listener {listener!r}")
+        check_provides(resource.IResource, child, f"the resource for /{segment.decode()}")
+        try:
+            roots[listener].mount(segment, child)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    plugin_services = list(_flatten(registry.hook.fedserver_services(context=context)))
+    for service in plugin_services:
+        check_provides(IService, service, "a plugin service")
+
+    for name, section in config.sections.items():
+        if not section.was_read():
+            raise section.error(None, "is not a table that fedserver or an installed plugin reads")
+        section.check_all_used()
+
+    if migrate:
+        store.migrate()
+
+    in_flight = _InFlight()
+    top = FederationService()
+    top.context = context
+    top.pipeline = pipeline
+    top.inward_resource = inward
+    top.outward_resource = outward
+    _Shutdown(reactor, in_flight, [context.client.close, local_pool.closeCachedConnections]).setServiceParent(top)
+    store.setServiceParent(top)
+    for service in plugin_services:
+        service.setServiceParent(top)
+
+    inward_site = _TrackingSite(inward, in_flight, max_body_bytes=limits.max_body_bytes, reactor=reactor)
+    server_tls = context.authenticator.server_tls_options()
+    top.inward_factory = (
+        TLSMemoryBIOFactory(_CurrentServerTLS(context.authenticator), False, inward_site)
+        if server_tls is not None
+        else inward_site
+    )
+    top.outward_site = _TrackingSite(outward, in_flight, max_body_bytes=limits.max_body_bytes,
+                                     reactor=reactor)
+    if listen:
+        strports.service(config.inward_listen, top.inward_factory, reactor=reactor).setServiceParent(top)
+        if config.outward_listen:
+            strports.service(config.outward_listen, top.outward_site, reactor=reactor).setServiceParent(top)
+    return top
+
+
+def _flatten(answers: Iterable[Optional[Iterable[Any]]]) -> Iterable[Any]:
+    return itertools.chain.from_iterable(a for a in answers if a)
+
+

@@ -1,0 +1,190 @@
+"""
+fedserver's store: a small asynchronous database layer on
+L{twisted.enterprise.adbapi}.
+
+The database is named by a URL: C{sqlite:PATH} (the default is C{fedserver.sqlite} in
+C{[server] data_dir}).  SQL is written portably with
+C{?} placeholders.  Each plugin that keeps data registers its schema as an
+ordered list of migration steps under its own name; L{Store.migrate} applies
+the steps a database lacks, each in a transaction with its version record, at
+startup and before any listener accepts a connection.  SQLite runs in WAL mode
+with C{synchronous=FULL}: a write that was reported done survives a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+from twisted.application.service import Service
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from fedserver.errors import ConfigError
+
+log = Logger(namespace="fedserver.storage")
+
+_SCHEMA_TABLE = """
+CREATE TABLE IF NOT EXISTS fedserver_schema (
+    owner TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+)
+"""
+
+
+def _prepare_sqlite(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=FULL")
+    connection.execute("PRAGMA foreign_keys=ON")
+    connection.execute("PRAGMA busy_timeout=5000")
+
+
+class Store(Service):
+    """
+    The database, as a service: the connection pool opens on start and
+    closes on stop.
+
+    @ivar url: the database URL it was made from.
+    """
+
+    def __init__(self, url: str, *, reactor: Any) -> None:
+        self.url = url
+        self._reactor = reactor
+        self._schemas: Dict[str, Sequence[str]] = {}
+        self._pool: Any = None
+        if url.startswith("sqlite:"):
+            self.path = url[len("sqlite:"):]
+            if not self.path:
+                raise ConfigError(f"{url!r} names no file; use sqlite:PATH", path="[storage] database")
+        else:
+            raise ConfigError(
+                f"{url!r} is not a supported database URL; this version supports sqlite:PATH",
+                path="[storage] database",
+            )
+
+    def register_schema(self, owner: str, steps: Sequence[str]) -> None:
+        """
+        Declare C{owner}'s tables as migration steps: step I{n} (from 1)
+        takes the schema from version I{n-1} to I{n}.  Steps are never edited
+        once released; a change is a new step.  Each step may hold several
+        statements separated by semicolons.
+        """
+        if owner in self._schemas and list(self._schemas[owner]) != list(steps):
+            raise ValueError(f"two different schemas are registered for {owner!r}")
+        self._schemas[owner] = list(steps)
+
+    def _connect(self) -> sqlite3.Connection:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        connection = sqlite3.connect(self.path, isolation_level=None)
+        _prepare_sqlite(connection)
+        return connection
+
+    def migrate(self) -> List[Tuple[str, int]]:
+        """
+        Bring every registered schema up to date, blocking (this runs at
+        startup, before the reactor serves anything).  Returns the
+        C{(owner, version)} steps applied.
+
+        @raise ConfigError: the database cannot be opened, or it is newer than
+            this code.
+        """
+        try:
+            connection = self._connect()
+        except sqlite3.Error as e:
+            raise ConfigError(f"cannot open {self.path}: {e}", path="[storage] database") from None
+        applied = []
+        try:
+            connection.execute(_SCHEMA_TABLE)
+            for owner, steps in sorted(self._schemas.items()):
+                row = connection.execute(
+                    "SELECT version FROM fedserver_schema WHERE owner = ?", (owner,)
+                ).fetchone()
+                current = row[0] if row else 0
+                if current > len(steps):
+                    raise ConfigError(
+                        f"the database has {owner} schema version {current}, but this fedserver "
+                        f"knows only up to {len(steps)}: it was used by a newer fedserver",
+                        path="[storage] database",
+                    )
+                for version in range(current + 1, len(steps) + 1):
+                    connection.execute("BEGIN IMMEDIATE")
+                    try:
+                        for statement in _statements(steps[version - 1]):
+                            connection.execute(statement)
+                        connection.execute(
+                            "INSERT INTO fedserver_schema (owner, version) VALUES (?, ?) "
+                            "ON CONFLICT (owner) DO UPDATE SET version = excluded.version",
+                            (owner, version),
+                        )
+                        connection.execute("COMMIT")
+                    except BaseException:
+                        connection.execute("ROLLBACK")
+                        raise
+                    applied.append((owner, version))
+                    log.info("applied {owner} schema step {version}", owner=owner, version=version)
+        finally:
+            connection.close()
+        return applied
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3",
+            self.path,
+            check_same_thread=False,
+            isolation_level=None,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_prepare_sqlite,
+            cp_reactor=self._reactor,
+        )
+        self._pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _require_pool(self) -> Any:
+        if self._pool is None:
+            raise RuntimeError("the store is not running (startService was not called)")
+        return self._pool
+
+    def run_query(self, sql: str, params: Sequence[Any] = ()) -> "Deferred[List[Tuple]]":
+        """Run a query; fire with its rows."""
+        return self._require_pool().runQuery(sql, tuple(params))
+
+    def run_operation(self, sql: str, params: Sequence[Any] = ()) -> "Deferred[None]":
+        """Run one statement in its own transaction; fire when committed."""
+        return self._require_pool().runInteraction(_execute_committed, sql, tuple(params))
+
+    def run_interaction(self, work: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+        """
+        Run C{work(cursor, *args)} in a thread within one transaction;
+        commit when it returns, roll back when it raises.
+        """
+        return self._require_pool().runInteraction(_in_transaction, work, *args)
+
+
+def _execute_committed(cursor: Any, sql: str, params: Tuple) -> None:
+    _in_transaction(cursor, lambda c: c.execute(sql, params))
+
+
+def _in_transaction(cursor: Any, work: Callable[..., Any], *args: Any) -> Any:
+    # The connections run in autocommit mode (isolation_level=None), so the
+    # transaction is explicit: adbapi's own commit then has nothing to do.
+    cursor.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(cursor, *args)
+    except BaseException:
+        cursor.execute("ROLLBACK")
+        raise
+    cursor.execute("COMMIT")
+    return result
+
+
+def _statements(script: str) -> List[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -1,0 +1,262 @@
+"""
+TLS material and the TLS settings built from it.
+
+The inward listener asks for a client certificate and lets OpenSSL verify the
+chain during the handshake, but does not abort the handshake when the chain is
+missing or bad: the verification outcome is recorded for the connection, and
+the authenticator turns it into a labelled JSON answer
+(C{no-client-certificate}, C{authentication-failure}) that names the reason.
+A peer that gets the handshake wrong thus learns why instead of seeing a bare
+TLS alert, and no request is ever handled before it has been authenticated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl as twisted_ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
+
+from fedserver.errors import ConfigError
+
+# OpenSSL's X509_V_ERR_* codes that operators meet in practice.
+_VERIFY_ERRORS: Dict[int, str] = {
+    2: "the issuer certificate is not known",
+    7: "a certificate signature does not verify",
+    9: "a certificate is not yet valid",
+    10: "a certificate has expired",
+    18: "the certificate is self-signed and not a configured CA",
+    19: "the chain ends in a self-signed certificate that is not a configured CA",
+    20: "the issuer is not among the configured CA certificates",
+    21: "the first certificate cannot be verified",
+    24: "an intermediate is not a CA certificate",
+    26: "the certificate may not be used for TLS client authentication "
+    "(its extended key usage lacks clientAuth)",
+}
+
+
+def verify_error_text(errnum: int) -> str:
+    """A sentence for OpenSSL certificate verification error C{errnum}."""
+    return _VERIFY_ERRORS.get(errnum, f"OpenSSL certificate verification error {errnum}")
+
+
+@attrs.frozen
+class PeerCertificate:
+    """
+    What the client presented on one TLS connection.
+
+    @ivar certificate: the leaf (C{cryptography} certificate).
+    @ivar verify_error: C{None} when the chain verified against our CA
+        certificates, else why it did not.
+    """
+
+    certificate: x509.Certificate
+    verify_error: Optional[str]
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the leaf in DER, lower-case hex."""
+        return hashlib.sha256(self.certificate.public_bytes(Encoding.DER)).hexdigest()
+
+    @property
+    def names(self) -> frozenset:
+        """The identities the certificate proves; see L{certificate_names}."""
+        return certificate_names(self.certificate)
+
+
+def certificate_names(cert: x509.Certificate) -> frozenset:
+    """
+    The DNS names a certificate is for: its subjectAltName DNS entries, or
+    its subject common name only when it has no subjectAltName at all.
+    Lower-cased.
+    """
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return frozenset(
+            str(attr.value).lower() for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        )
+    return frozenset(name.lower() for name in san.value.get_values_for_type(x509.DNSName))
+
+
+def has_client_auth_usage(cert: x509.Certificate) -> bool:
+    """Whether C{cert} may authenticate a TLS client (no EKU, or EKU with clientAuth)."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.CLIENT_AUTH in eku.value
+
+
+def _read(path: str, key: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}", path=f"[tls] {key}") from None
+
+
+def _load_certificates(path: str, key: str) -> List[crypto.X509]:
+    data = _read(path, key)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise ConfigError(f"{path} holds no valid PEM certificate: {e}", path=f"[tls] {key}") from None
+    return [crypto.X509.from_cryptography(c) for c in certs]
+
+
+@attrs.frozen
+class TLSMaterial:
+    """
+    Our certificate chain (leaf first), its private key and the CA
+    certificates peers must chain to, loaded from the C{[tls]} files.
+    """
+
+    chain: Tuple[crypto.X509, ...]
+    private_key: crypto.PKey
+    ca_certificates: Tuple[crypto.X509, ...]
+    stamp: Tuple[Tuple[str, float], ...] = ()
+
+    @classmethod
+    def load(
+        cls, certificate: str, private_key: str, ca_certificates: Sequence[str]
+    ) -> "TLSMaterial":
+        """Load and cross-check the files; raise L{ConfigError} naming the bad one."""
+        chain = _load_certificates(certificate, "certificate")
+        try:
+            key = crypto.PKey.from_cryptography_key(
+                load_pem_private_key(_read(private_key, "private_key"), password=None)
+            )
+        except (ValueError, TypeError) as e:
+            raise ConfigError(
+                f"{private_key} holds no usable unencrypted PEM private key: {e}",
+                path="[tls] private_key",
+            ) from None
+        roots: List[crypto.X509] = []
+        for path in ca_certificates:
+            roots.extend(_load_certificates(path, "ca_certificates"))
+        if not roots:
+            raise ConfigError("at least one CA certificate is needed", path="[tls] ca_certificates")
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.use_certificate(chain[0])
+        ctx.use_privatekey(key)
+        try:
+            ctx.check_privatekey()
+        except SSL.Error:
+            raise ConfigError(
+                f"{private_key} is not the key of the certificate in {certificate}",
+                path="[tls] private_key",
+            ) from None
+        paths = [certificate, private_key, *ca_certificates]
+        stamp = tuple((p, os.stat(p).st_mtime) for p in paths)
+        return cls(tuple(chain), key, tuple(roots), stamp)
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        """Our own certificate."""
+        return self.chain[0].to_cryptography()
+
+    def private_certificate(self) -> twisted_ssl.PrivateCertificate:
+        """Our leaf and key for L{twisted.internet.ssl.optionsForClientTLS}."""
+        return twisted_ssl.PrivateCertificate.fromCertificateAndKeyPair(
+            twisted_ssl.Certificate(self.chain[0]), twisted_ssl.KeyPair(self.private_key)
+        )
+
+    def trust_root(self) -> object:
+        """The CA certificates as a Twisted trust root."""
+        return twisted_ssl.trustRootFromCertificates(
+            [twisted_ssl.Certificate(c) for c in self.ca_certificates]
+        )
+
+    def client_options(self, hostname: str) -> object:
+        """
+        Client TLS settings for a connection that must reach C{hostname}:
+        TLS 1.2 or newer, our certificate and chain presented, the remote's
+        certificate verified against our CA certificates and C{hostname}.
+        """
+        return twisted_ssl.optionsForClientTLS(
+            hostname,
+            trustRoot=self.trust_root(),
+            clientCertificate=self.private_certificate(),
+            extraCertificateOptions={
+                "raiseMinimumTo": twisted_ssl.TLSVersion.TLSv1_2,
+                "extraCertChain": list(self.chain[1:]),
+            },
+        )
+
+
+# SSL.Connection -> the first verification error OpenSSL reported for it.
+_verify_errors: "weakref.WeakKeyDictionary[SSL.Connection, int]" = weakref.WeakKeyDictionary()
+# SSL.Connection -> PeerCertificate (or None), computed once per connection.
+_peers: "weakref.WeakKeyDictionary[SSL.Connection, Optional[PeerCertificate]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _record_verify_result(
+    connection: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
+) -> bool:
+    if not ok and connection not in _verify_errors:
+        _verify_errors[connection] = errnum
+    return True
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ClientCertificateServerOptions:
+    """
+    Server TLS settings that request (not require) a client certificate and
+    record how its verification went; see the module docstring.
+    """
+
+    def __init__(self, material: TLSMaterial) -> None:
+        self.material = material
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        ctx.use_certificate(material.chain[0])
+        for extra in material.chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(material.private_key)
+        store = ctx.get_cert_store()
+        assert store is not None
+        for ca in material.ca_certificates:
+            store.add_cert(ca)
+        ctx.set_client_ca_list([ca.get_subject() for ca in material.ca_certificates])
+        ctx.set_verify(SSL.VERIFY_PEER, _record_verify_result)
+        ctx.set_session_id(b"fedserver")
+        self._context = ctx
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+
+def peer_certificate(transport: object) -> Optional[PeerCertificate]:
+    """
+    The client certificate of the TLS connection C{transport}, with its
+    verification outcome; C{None} when it presented none or is not TLS.
+    Computed once per connection.
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    connection = get_handle() if get_handle is not None else None
+    if not isinstance(connection, SSL.Connection):
+        return None
+    if connection in _peers:
+        return _peers[connection]
+    cert = connection.get_peer_certificate()
+    result = None
+    if cert is not None:
+        errnum = _verify_errors.get(connection)
+        result = PeerCertificate(
+            cert.to_cryptography(), None if errnum is None else verify_error_text(errnum)
+        )
+    _peers[connection] = result
+    return result

@@ -1,0 +1,261 @@
+"""
+HTTP plumbing shared by fedserver's listeners: a L{Site} whose requests
+enforce the body size limit before the body is read, and helpers that write
+L{Response}s and labelled errors, log one line per request and never show a
+traceback to the other side.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+import uuid
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from fedserver.errors import FederationError
+from fedserver.values import Response
+
+log = Logger(namespace="fedserver.web")
+
+#: component and RPC names: ASCII letters, digits, "_" and "-" only.
+NAME = re.compile(rb"[A-Za-z0-9_-]+")
+
+#: a request id we accept from others: short, printable, no separators.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9_.:@/+=-]{1,128}")
+
+
+def request_id_from(request: server.Request, header: bytes) -> str:
+    """The request id in C{header} if it is sane, else a new one."""
+    value = request.requestHeaders.getRawHeaders(header)
+    if value and _REQUEST_ID.fullmatch(value[0]):
+        return value[0].decode("ascii")
+    return str(uuid.uuid4())
+
+
+def require_post(request: server.Request) -> None:
+    """Federation routes take C{POST} without a query string: else C{invalid-endpoint}."""
+    if request.method != b"POST":
+        raise FederationError(
+            f"only POST is accepted here, not {request.method.decode('latin-1')}",
+            "invalid-endpoint",
+        )
+    if b"?" in request.uri:
+        raise FederationError("federation requests take no query string", "invalid-endpoint")
+
+
+class FederationRequest(server.Request):
+    """
+    A request that answers 413 C{request-too-large} as soon as it knows the
+    body exceeds the site's C{max_body_bytes}, without reading the rest, and
+    keeps bodies in memory (they are bounded) instead of temporary files.
+    """
+
+    _rejected = False
+    _received = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        self.content = io.BytesIO()
+        limit = self.channel.site.max_body_bytes
+        if length is not None and length > limit:
+            self._reject_too_large(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_body_bytes:
+            self._reject_too_large(None)
+            return
+        self.content.write(data)
+
+    def _reject_too_large(self, length: Optional[int]) -> None:
+        self._rejected = True
+        limit = self.channel.site.max_body_bytes
+        size = f"{length} bytes" if length is not None else "more bytes"
+        body = FederationError(
+            f"the request body has {size} than the limit of {limit} bytes "
+            "([limits] max_body_bytes)",
+            "request-too-large",
+        ).to_bytes()
+        log.info("refused a request body over {limit} bytes from {peer}", limit=limit,
+                 peer=self.getClientAddress())
+        # The request was never dispatched, so answer on the raw transport and
+        # close: the rest of the body is never read.
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+            b"Connection: close\r\n\r\n" + body
+        )
+        transport.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._rejected:
+            return
+        super().requestReceived(command, path, version)
+
+
+class FederationSite(server.Site):
+    """
+    The site for a fedserver listener.
+
+    @ivar max_body_bytes: larger request bodies are refused unread.
+    """
+
+    requestFactory = FederationRequest
+    displayTracebacks = False
+
+    def __init__(self, root: resource.IResource, *, max_body_bytes: int, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.max_body_bytes = max_body_bytes
+
+    def log(self, request: server.Request) -> None:
+        # fedserver logs each request itself, with its request id and outcome
+        pass
+
+
+def write_response(request: server.Request, response: Response, *, only: Optional[tuple] = None) -> None:
+    """
+    Send C{response}.  With C{only}, pass just those headers (lower-case
+    names) of C{response}.
+    """
+    if request._disconnected:
+        return
+    request.setResponseCode(response.code)
+    for name, value in response.headers:
+        if only is None or name.lower() in only:
+            request.responseHeaders.addRawHeader(name, value)
+    request.setHeader(b"content-length", b"%d" % len(response.body))
+    request.write(response.body)
+    request.finish()
+
+
+def write_error(request: server.Request, error: FederationError) -> None:
+    """Send C{error} as labelled JSON."""
+    write_response(
+        request,
+        Response(error.code, [("Content-Type", "application/json")], error.to_bytes()),
+    )
+
+
+def serve(
+    request: server.Request,
+    work: Callable[[], "Deferred[Response]"],
+    *,
+    describe: str,
+    request_id: str,
+    only: Optional[tuple] = None,
+    on_error: Callable[[FederationError], FederationError] = lambda e: e,
+) -> int:
+    """
+    Run C{work} for C{request} and send its L{Response}, or the labelled
+    error it fails with; any other failure is logged here with its traceback
+    and answered as C{internal-error}.  Cancels C{work} if the client goes
+    away.  Logs one line with C{describe}, the outcome and the time taken.
+    Returns C{NOT_DONE_YET} for C{render}.
+    """
+    started = time.monotonic()
+    try:
+        d = work()
+    except Exception:
+        d = defer.fail()
+
+    def done(response: Response) -> None:
+        _log_outcome(describe, request_id, response.code, None, started)
+        write_response(request, response, only=only)
+
+    def failed(failure: Failure) -> None:
+        if failure.check(CancelledError) and request._disconnected:
+            _log_outcome(describe, request_id, 499, "client-gone", started)
+            return
+        if failure.check(FederationError):
+            error = on_error(failure.value)
+        else:
+            log.failure(
+                "{describe} failed unexpectedly [request {request_id}]",
+                failure,
+                describe=describe,
+                request_id=request_id,
+            )
+            error = FederationError(
+                f"internal error; the server log has the details under request id {request_id}",
+                "internal-error",
+            )
+        _log_outcome(describe, request_id, error.code, error.label, started, error.message)
+        write_error(request, error)
+
+    d.addCallbacks(done, failed)
+    request.notifyFinish().addErrback(lambda _: d.cancel())
+    return server.NOT_DONE_YET
+
+
+def _log_outcome(
+    describe: str,
+    request_id: str,
+    code: int,
+    label: Optional[str],
+    started: float,
+    message: str = "",
+) -> None:
+    log.info(
+        "{describe} -> {code}{label_text} in {ms:.1f} ms [request {request_id}]{detail}",
+        describe=describe,
+        code=code,
+        label=label,
+        label_text=f" {label}" if label else "",
+        ms=(time.monotonic() - started) * 1000,
+        request_id=request_id,
+        detail=f": {message}" if message else "",
+    )
+
+
+class ErrorResource(resource.Resource):
+    """Answers every request with one labelled error."""
+
+    isLeaf = True
+
+    def __init__(self, error: FederationError) -> None:
+        super().__init__()
+        self.error = error
+
+    def render(self, request: server.Request) -> bytes:
+        request.setResponseCode(self.error.code)
+        request.setHeader(b"content-type", b"application/json")
+        return self.error.to_bytes()
+
+
+class ListenerRoot(resource.Resource):
+    """
+    The root of a listener: known first path segments go to their resource,
+    anything else is C{invalid-endpoint}.
+    """
+
+    def __init__(self, description: str) -> None:
+        super().__init__()
+        self.description = description
+
+    def mount(self, segment: bytes, child: resource.IResource) -> None:
+        """Serve C{child} under C{/segment}; a segment may be mounted once."""
+        if segment in self.children:
+            raise ValueError(f"/{segment.decode()} is mounted twice on the {self.description}")
+        self.putChild(segment, child)
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.IResource:
+        return ErrorResource(
+            FederationError(
+                f"the {self.description} serves no such path", "invalid-endpoint"
+            )
+        )
+
+    def render(self, request: server.Request) -> bytes:
+        return self.getChild(b"", request).render(request)
+
+
