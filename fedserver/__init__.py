@@ -27,7 +27,7 @@ from fedserver.values import (
 )
 
 
-def build_service(*args, **kwargs):  # type: ignore[no-untyped-def]
+def build_service(*args, **kwargs):
     """See L{fedserver.service.build_service}."""
     from fedserver.service import build_service as build
 

@@ -23,8 +23,8 @@ from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
 from twisted.web.http_headers import Headers
@@ -43,7 +43,7 @@ class BytesProducer:
         self.body = body
         self.length = len(body)
 
-    def startProducing(self, consumer: IConsumer) -> "Deferred[None]":
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         consumer.write(self.body)
         return defer.succeed(None)
 
@@ -64,7 +64,7 @@ class BodyTooLarge(Exception):
 class _LimitedBodyReader(Protocol):
     """Collect a response body, giving up past C{limit} bytes."""
 
-    def __init__(self, finished: "Deferred[bytes]", limit: int) -> None:
+    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
         self._finished = finished
         self._limit = limit
         self._parts: List[bytes] = []
@@ -80,7 +80,7 @@ class _LimitedBodyReader(Protocol):
             return
         self._parts.append(data)
 
-    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._finished.called:
             return
         if reason.check(web_client.ResponseDone, web_client.PotentialDataLoss):
@@ -89,7 +89,7 @@ class _LimitedBodyReader(Protocol):
             self._finished.errback(reason)
 
 
-def read_body(response: Any, limit: int) -> "Deferred[bytes]":
+def read_body(response: Any, limit: int) -> Deferred[bytes]:
     """
     The body of a Twisted web client response, failing with a
     C{federation-remote-error} past C{limit} bytes.
@@ -97,7 +97,7 @@ def read_body(response: Any, limit: int) -> "Deferred[bytes]":
     if response.length is not UNKNOWN_LENGTH and response.length > limit:
         response.deliverBody(_Discard())
         return defer.fail(BodyTooLarge(response.length))
-    finished: "Deferred[bytes]" = Deferred()
+    finished: Deferred[bytes] = Deferred()
     response.deliverBody(_LimitedBodyReader(finished, limit))
     return finished
 
@@ -229,7 +229,7 @@ class FederationClient:
             pool.retryAutomatically = False
         self.pool = pool
 
-    def send(self, target: Target, request: OutboundRequest) -> "Deferred[Response]":
+    def send(self, target: Target, request: OutboundRequest) -> Deferred[Response]:
         """
         Send C{request} to C{target}; fire with its L{Response} whatever the
         status code, or fail with a labelled L{FederationError}.
@@ -248,15 +248,17 @@ class FederationClient:
             "POST", "PUT", "PATCH") else None
         d = agent.request(request.method.encode("ascii"), uri, headers, producer)
 
-        def got_response(response: Any) -> "Deferred[Response]":
-            received = read_body(response, self.max_body_bytes)
+        def got_response(response: Any) -> Deferred[Response]:
             header_pairs = [
                 (name.decode("latin-1"), value.decode("latin-1"))
                 for name, values in response.headers.getAllRawHeaders()
                 for value in values
             ]
-            received.addCallback(lambda body: Response(response.code, header_pairs, body))
-            return received
+
+            def complete(body: bytes) -> Response:
+                return Response(response.code, header_pairs, body)
+
+            return read_body(response, self.max_body_bytes).addCallback(complete)
 
         d.addCallback(got_response)
         d.addTimeout(self.request_timeout, self._reactor)
@@ -267,6 +269,6 @@ class FederationClient:
     def _failed(failure: Failure, target: Target) -> None:
         raise classify_failure(failure, target)
 
-    def close(self) -> "Deferred[None]":
+    def close(self) -> Deferred[None]:
         """Close every pooled connection."""
         return self.pool.closeCachedConnections()

@@ -196,7 +196,7 @@ class Options:
             result.append(self._child(f"{key}[{i}]", sub))
         return result
 
-    def _child(self, key: str, values: Mapping[str, Any]) -> "Options":
+    def _child(self, key: str, values: Mapping[str, Any]) -> Options:
         path = f"{self.path}.{key}" if self.path else key
         return Options(values, file=self.file, path=path, base_dir=self.base_dir)
 

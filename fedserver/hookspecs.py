@@ -12,6 +12,7 @@ are merged; a name given by two plugins stops startup with a message naming
 both distributions.
 """
 
+# mypy: disable-error-code="empty-body"
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Tuple
@@ -60,7 +61,7 @@ def fedserver_component_plugins() -> Dict[str, Factory]:
 
 
 @hookspec
-def fedserver_resources(context: "Context") -> Iterable[Tuple[str, bytes, "IResource"]]:
+def fedserver_resources(context: Context) -> Iterable[Tuple[str, bytes, IResource]]:
     """
     Extra web resources, as C{(listener, path_segment, resource)} where
     C{listener} is C{"inward"} or C{"outward"}.  Called after every configured
@@ -70,7 +71,7 @@ def fedserver_resources(context: "Context") -> Iterable[Tuple[str, bytes, "IReso
 
 
 @hookspec
-def fedserver_services(context: "Context") -> List["IService"]:
+def fedserver_services(context: Context) -> List[IService]:
     """
     Extra long-lived services, started and stopped with fedserver's own.
     Called after every configured provider is built.

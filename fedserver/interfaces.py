@@ -35,7 +35,7 @@ class IDiscovery(Interface):
     Finds where a backend domain is served.
     """
 
-    def discover(domain: str) -> "Deferred[List[Target]]":
+    def discover(domain: str) -> Deferred[List[Target]]:
         """
         Where C{domain} can be reached, most preferred first.
 
@@ -67,7 +67,7 @@ class IAuthenticator(Interface):
         the remote certificate is checked (against C{target.infra_domain}).
         """
 
-    def authenticate(request: InboundRequest) -> "Deferred[Peer]":
+    def authenticate(request: InboundRequest) -> Deferred[Peer]:
         """
         Establish who sent C{request}.
 
@@ -78,7 +78,7 @@ class IAuthenticator(Interface):
         through discovery.
         """
 
-    def prepare_outbound(request: OutboundRequest, target: Target) -> "Deferred[OutboundRequest]":
+    def prepare_outbound(request: OutboundRequest, target: Target) -> Deferred[OutboundRequest]:
         """
         Add to C{request} what the remote needs to authenticate us (an origin
         header, a signature), for sending to C{target}.
@@ -91,14 +91,14 @@ class IAuthorizer(Interface):
     call; the first refusal wins.
     """
 
-    def authorize_inbound(peer: Peer, call: FederatedCall) -> "Deferred[None]":
+    def authorize_inbound(peer: Peer, call: FederatedCall) -> Deferred[None]:
         """
         Fire with C{None} to allow C{call} from C{peer}, or fail with
         L{fedserver.errors.FederationDenied}.  C{peer.claimed_domain} has
         already been validated when this is called.
         """
 
-    def authorize_outbound(domain: str, call: FederatedCall) -> "Deferred[None]":
+    def authorize_outbound(domain: str, call: FederatedCall) -> Deferred[None]:
         """
         Fire with C{None} to allow sending C{call} to backend C{domain}, or
         fail with L{fedserver.errors.FederationDenied}.
@@ -117,7 +117,7 @@ class IIdentityProvider(Interface):
         identity: Identity,
         group_context_extensions: Sequence[Any],
         application_context: Any,
-    ) -> "Deferred[None]":
+    ) -> Deferred[None]:
         """
         Fire with C{None} when C{identity} is valid in that context (for X.509,
         the application context carries the message timestamp); otherwise
@@ -136,7 +136,7 @@ class IComponentHandler(Interface):
     A local component that federated calls are routed to.
     """
 
-    def handle(call: FederatedCall) -> "Deferred[Response]":
+    def handle(call: FederatedCall) -> Deferred[Response]:
         """
         Answer C{call}.  The L{Response} goes back to the peer unchanged, so
         a component answers its own errors as it wants peers to see them;

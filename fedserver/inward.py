@@ -18,7 +18,7 @@ from fedserver.errors import FederationError
 from fedserver.pipeline import Pipeline
 from fedserver.tls import peer_certificate
 from fedserver.values import InboundRequest
-from fedserver.web import NAME, request_id_from, require_post, serve, write_error
+from fedserver.web import NAME, body_of, request_id_from, require_post, serve, write_error
 
 
 def parse_route(request: server.Request, prefix: bytes, count: int) -> Tuple[str, ...]:
@@ -56,14 +56,16 @@ class InwardFederationResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, *, max_body_bytes: int) -> None:
         super().__init__()
         self.pipeline = pipeline
+        self.max_body_bytes = max_body_bytes
 
     def render(self, request: server.Request) -> int:
         request_id = request_id_from(request, b"request-id")
         try:
             component, rpc = parse_route(request, b"/federation/", 2)
+            body = body_of(request, self.max_body_bytes)
         except FederationError as e:
             write_error(request, e)
             return server.NOT_DONE_YET
@@ -72,7 +74,7 @@ class InwardFederationResource(resource.Resource):
             path=request.path.decode("ascii"),
             query="",
             headers=headers_of(request),
-            body=request.content.getvalue(),
+            body=body,
             tls=peer_certificate(request.transport),
         )
         origin = inbound.header("Wire-Origin-Domain") or "?"

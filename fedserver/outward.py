@@ -18,7 +18,7 @@ from fedserver.errors import FederationError
 from fedserver.inward import headers_of
 from fedserver.pipeline import Pipeline, remote_error
 from fedserver.values import FederatedCall, Response
-from fedserver.web import NAME, request_id_from, require_post, serve, write_error
+from fedserver.web import NAME, body_of, request_id_from, require_post, serve, write_error
 
 _DOMAIN = re.compile(rb"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
@@ -28,14 +28,16 @@ class OutwardRPCResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, *, max_body_bytes: int) -> None:
         super().__init__()
         self.pipeline = pipeline
+        self.max_body_bytes = max_body_bytes
 
     def render(self, request: server.Request) -> int:
         request_id = request_id_from(request, b"wire-origin-request-id")
         try:
             domain, component, rpc = self._parse(request)
+            body = body_of(request, self.max_body_bytes)
         except FederationError as e:
             write_error(request, e)
             return server.NOT_DONE_YET
@@ -46,12 +48,12 @@ class OutwardRPCResource(resource.Resource):
             rpc=rpc,
             method="POST",
             headers=headers_of(request),
-            body=request.content.getvalue(),
+            body=body,
             request_id=request_id,
         )
         path = f"/federation/{component}/{rpc}"
 
-        def call_remote() -> "Deferred[Response]":
+        def call_remote() -> Deferred[Response]:
             d = self.pipeline.call_remote(call)
             d.addCallback(_relay_answer, domain, path)
             return d

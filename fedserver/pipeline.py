@@ -64,7 +64,7 @@ class Pipeline:
 
     # outbound
 
-    def call_remote(self, call: FederatedCall) -> "Deferred[Response]":
+    def call_remote(self, call: FederatedCall) -> Deferred[Response]:
         """
         Send C{call} (from a local component) to C{call.target_domain}'s
         component C{call.component}; fire with the remote's L{Response}
@@ -88,7 +88,7 @@ class Pipeline:
         )
         return await self.send(request)
 
-    def send(self, request: OutboundRequest) -> "Deferred[Response]":
+    def send(self, request: OutboundRequest) -> Deferred[Response]:
         """
         Discover C{request.destination} and send C{request} to the first
         target that takes it, prepared by the authenticator for each.  Only
@@ -122,7 +122,7 @@ class Pipeline:
 
     def handle_inbound(
         self, request: InboundRequest, component: str, rpc: str, request_id: str
-    ) -> "Deferred[Response]":
+    ) -> Deferred[Response]:
         """
         Authenticate C{request}, validate and authorize its origin, and hand
         it to C{component}; fire with the component's L{Response}.

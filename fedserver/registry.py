@@ -8,7 +8,7 @@ only way anything gets in.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Type
+from typing import Any, Dict, Iterable, List, Mapping, Tuple, Type
 
 import attrs
 import pluggy
@@ -101,7 +101,7 @@ class PluginRegistry:
         """The registrations of one kind, by name."""
         return dict(self._by_kind[kind])
 
-    def build(self, kind: str, options: "Any", context: Any) -> object:
+    def build(self, kind: str, options: Any, context: Any) -> object:
         """
         Build the provider that C{options} selects with its C{plugin} key.
 

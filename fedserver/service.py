@@ -13,7 +13,7 @@ from C{authenticator.server_tls_options()}).
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Iterable, List, Optional, Union
 
 from treq.client import HTTPClient
 from twisted.application import strports
@@ -73,7 +73,7 @@ class _InFlight:
             for d in waiting:
                 d.callback(None)
 
-    def idle(self) -> "Deferred[None]":
+    def idle(self) -> Deferred[None]:
         if self.count == 0:
             return defer.succeed(None)
         d: Deferred = Deferred()
@@ -102,7 +102,7 @@ class _Shutdown(Service):
         self._in_flight = in_flight
         self._closers = closers
 
-    def stopService(self) -> "Deferred[None]":
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         if self._in_flight.count:
             log.info("waiting up to {t} s for {n} requests in flight", t=DRAIN_TIMEOUT,
@@ -112,7 +112,7 @@ class _Shutdown(Service):
         d.addErrback(lambda f: log.warn("stopped with {n} requests still in flight",
                                         n=self._in_flight.count))
 
-        def close(_: Any) -> "Deferred[Any]":
+        def close(_: Any) -> Deferred[Any]:
             return defer.gatherResults([defer.maybeDeferred(c) for c in self._closers],
                                        consumeErrors=True)
 
@@ -214,9 +214,9 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
     context.pipeline = pipeline
 
     inward = ListenerRoot("inward listener")
-    inward.mount(b"federation", InwardFederationResource(pipeline))
+    inward.mount(b"federation", InwardFederationResource(pipeline, max_body_bytes=limits.max_body_bytes))
     outward = ListenerRoot("outward listener")
-    outward.mount(b"rpc", OutwardRPCResource(pipeline))
+    outward.mount(b"rpc", OutwardRPCResource(pipeline, max_body_bytes=limits.max_body_bytes))
     roots = {"inward": inward, "outward": outward}
     for listener, segment, child in _flatten(registry.hook.fedserver_resources(context=context)):
         if listener not in roots:
@@ -230,7 +230,7 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
     for service in plugin_services:
         check_provides(IService, service, "a plugin service")
 
-    for name, section in config.sections.items():
+    for section in config.sections.values():
         if not section.was_read():
             raise section.error(None, "is not a table that fedserver or an installed plugin reads")
         section.check_all_used()

@@ -153,15 +153,15 @@ class Store(Service):
             raise RuntimeError("the store is not running (startService was not called)")
         return self._pool
 
-    def run_query(self, sql: str, params: Sequence[Any] = ()) -> "Deferred[List[Tuple]]":
+    def run_query(self, sql: str, params: Sequence[Any] = ()) -> Deferred[List[Tuple]]:
         """Run a query; fire with its rows."""
         return self._require_pool().runQuery(sql, tuple(params))
 
-    def run_operation(self, sql: str, params: Sequence[Any] = ()) -> "Deferred[None]":
+    def run_operation(self, sql: str, params: Sequence[Any] = ()) -> Deferred[None]:
         """Run one statement in its own transaction; fire when committed."""
         return self._require_pool().runInteraction(_execute_committed, sql, tuple(params))
 
-    def run_interaction(self, work: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+    def run_interaction(self, work: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """
         Run C{work(cursor, *args)} in a thread within one transaction;
         commit when it returns, roll back when it raises.

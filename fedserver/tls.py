@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import os
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl as twisted_ssl
@@ -42,6 +43,14 @@ _VERIFY_ERRORS: Dict[int, str] = {
     26: "the certificate may not be used for TLS client authentication "
     "(its extended key usage lacks clientAuth)",
 }
+
+
+_TLS_KEY_TYPES = (
+    ec.EllipticCurvePrivateKey,
+    rsa.RSAPrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
 
 
 def verify_error_text(errnum: int) -> str:
@@ -105,13 +114,12 @@ def _read(path: str, key: str) -> bytes:
         raise ConfigError(f"cannot read {path}: {e.strerror}", path=f"[tls] {key}") from None
 
 
-def _load_certificates(path: str, key: str) -> List[crypto.X509]:
+def _load_certificates(path: str, key: str) -> List[x509.Certificate]:
     data = _read(path, key)
     try:
-        certs = x509.load_pem_x509_certificates(data)
+        return x509.load_pem_x509_certificates(data)
     except ValueError as e:
         raise ConfigError(f"{path} holds no valid PEM certificate: {e}", path=f"[tls] {key}") from None
-    return [crypto.X509.from_cryptography(c) for c in certs]
 
 
 @attrs.frozen
@@ -121,27 +129,31 @@ class TLSMaterial:
     certificates peers must chain to, loaded from the C{[tls]} files.
     """
 
-    chain: Tuple[crypto.X509, ...]
-    private_key: crypto.PKey
-    ca_certificates: Tuple[crypto.X509, ...]
+    chain: Tuple[x509.Certificate, ...]
+    private_key: Any
+    ca_certificates: Tuple[x509.Certificate, ...]
     stamp: Tuple[Tuple[str, float], ...] = ()
 
     @classmethod
     def load(
         cls, certificate: str, private_key: str, ca_certificates: Sequence[str]
-    ) -> "TLSMaterial":
+    ) -> TLSMaterial:
         """Load and cross-check the files; raise L{ConfigError} naming the bad one."""
         chain = _load_certificates(certificate, "certificate")
         try:
-            key = crypto.PKey.from_cryptography_key(
-                load_pem_private_key(_read(private_key, "private_key"), password=None)
-            )
+            key = load_pem_private_key(_read(private_key, "private_key"), password=None)
         except (ValueError, TypeError) as e:
             raise ConfigError(
                 f"{private_key} holds no usable unencrypted PEM private key: {e}",
                 path="[tls] private_key",
             ) from None
-        roots: List[crypto.X509] = []
+        if not isinstance(key, _TLS_KEY_TYPES):
+            raise ConfigError(
+                f"{private_key} holds a {type(key).__name__}, which TLS cannot use; "
+                "use an ECDSA, RSA or Ed25519 key",
+                path="[tls] private_key",
+            )
+        roots: List[x509.Certificate] = []
         for path in ca_certificates:
             roots.extend(_load_certificates(path, "ca_certificates"))
         if not roots:
@@ -163,18 +175,19 @@ class TLSMaterial:
     @property
     def leaf(self) -> x509.Certificate:
         """Our own certificate."""
-        return self.chain[0].to_cryptography()
+        return self.chain[0]
 
     def private_certificate(self) -> twisted_ssl.PrivateCertificate:
         """Our leaf and key for L{twisted.internet.ssl.optionsForClientTLS}."""
         return twisted_ssl.PrivateCertificate.fromCertificateAndKeyPair(
-            twisted_ssl.Certificate(self.chain[0]), twisted_ssl.KeyPair(self.private_key)
+            _twisted_certificate(self.chain[0]),
+            twisted_ssl.KeyPair(crypto.PKey.from_cryptography_key(self.private_key)),
         )
 
-    def trust_root(self) -> object:
+    def trust_root(self) -> Any:
         """The CA certificates as a Twisted trust root."""
         return twisted_ssl.trustRootFromCertificates(
-            [twisted_ssl.Certificate(c) for c in self.ca_certificates]
+            [_twisted_certificate(c) for c in self.ca_certificates]
         )
 
     def client_options(self, hostname: str) -> object:
@@ -189,15 +202,20 @@ class TLSMaterial:
             clientCertificate=self.private_certificate(),
             extraCertificateOptions={
                 "raiseMinimumTo": twisted_ssl.TLSVersion.TLSv1_2,
-                "extraCertChain": list(self.chain[1:]),
+                "extraCertChain": [crypto.X509.from_cryptography(c) for c in self.chain[1:]],
             },
         )
 
 
+def _twisted_certificate(cert: x509.Certificate) -> twisted_ssl.Certificate:
+    # Twisted's client TLS API still takes pyOpenSSL objects
+    return twisted_ssl.Certificate(crypto.X509.from_cryptography(cert))
+
+
 # SSL.Connection -> the first verification error OpenSSL reported for it.
-_verify_errors: "weakref.WeakKeyDictionary[SSL.Connection, int]" = weakref.WeakKeyDictionary()
+_verify_errors: weakref.WeakKeyDictionary[SSL.Connection, int] = weakref.WeakKeyDictionary()
 # SSL.Connection -> PeerCertificate (or None), computed once per connection.
-_peers: "weakref.WeakKeyDictionary[SSL.Connection, Optional[PeerCertificate]]" = (
+_peers: weakref.WeakKeyDictionary[SSL.Connection, Optional[PeerCertificate]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -229,8 +247,8 @@ class ClientCertificateServerOptions:
         store = ctx.get_cert_store()
         assert store is not None
         for ca in material.ca_certificates:
-            store.add_cert(ca)
-        ctx.set_client_ca_list([ca.get_subject() for ca in material.ca_certificates])
+            store.add_cert(crypto.X509.from_cryptography(ca))
+            ctx.add_client_ca(ca)
         ctx.set_verify(SSL.VERIFY_PEER, _record_verify_result)
         ctx.set_session_id(b"fedserver")
         self._context = ctx

@@ -7,15 +7,15 @@ one with L{attrs.evolve}.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import attrs
 
 
-def _headers(value: object) -> Tuple[Tuple[str, str], ...]:
+def _headers(value: Any) -> Tuple[Tuple[str, str], ...]:
     if isinstance(value, Mapping):
         value = value.items()
-    return tuple((str(k), str(v)) for k, v in value)  # type: ignore[union-attr]
+    return tuple((str(k), str(v)) for k, v in value)
 
 
 class _HeaderLookup:
@@ -104,10 +104,10 @@ class OutboundRequest(_HeaderLookup):
     headers: Tuple[Tuple[str, str], ...] = attrs.field(converter=_headers)
     body: bytes = b""
 
-    def with_header(self, name: str, value: str) -> "OutboundRequest":
+    def with_header(self, name: str, value: str) -> OutboundRequest:
         """A copy with header C{name} set to C{value} (replacing any)."""
         kept = tuple(h for h in self.headers if h[0].lower() != name.lower())
-        return attrs.evolve(self, headers=kept + ((name, value),))
+        return attrs.evolve(self, headers=(*kept, (name, value)))
 
 
 @attrs.frozen

@@ -39,6 +39,26 @@ def request_id_from(request: server.Request, header: bytes) -> str:
     return str(uuid.uuid4())
 
 
+def body_of(request: server.Request, limit: int) -> bytes:
+    """
+    The request body.  L{FederationRequest} has already refused a body over
+    the limit; a plain L{server.Request} (an embedding application's own
+    L{server.Site}) is checked here, after the fact.
+    """
+    content: Any = request.content
+    if isinstance(content, io.BytesIO):
+        body = content.getvalue()
+    else:
+        content.seek(0)
+        body = content.read(limit + 1)
+    if len(body) > limit:
+        raise FederationError(
+            f"the request body is larger than the limit of {limit} bytes ([limits] max_body_bytes)",
+            "request-too-large",
+        )
+    return body
+
+
 def require_post(request: server.Request) -> None:
     """Federation routes take C{POST} without a query string: else C{invalid-endpoint}."""
     if request.method != b"POST":
@@ -59,25 +79,29 @@ class FederationRequest(server.Request):
 
     _rejected = False
     _received = 0
+    content: Any
+
+    @property
+    def _limit(self) -> int:
+        return self.channel.site.max_body_bytes  # type: ignore[attr-defined]
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = io.BytesIO()
-        limit = self.channel.site.max_body_bytes
-        if length is not None and length > limit:
+        if length is not None and length > self._limit:
             self._reject_too_large(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_body_bytes:
+        if self._received > self._limit:
             self._reject_too_large(None)
             return
         self.content.write(data)
 
     def _reject_too_large(self, length: Optional[int]) -> None:
         self._rejected = True
-        limit = self.channel.site.max_body_bytes
+        limit = self._limit
         size = f"{length} bytes" if length is not None else "more bytes"
         body = FederationError(
             f"the request body has {size} than the limit of {limit} bytes "
@@ -88,7 +112,7 @@ class FederationRequest(server.Request):
                  peer=self.getClientAddress())
         # The request was never dispatched, so answer on the raw transport and
         # close: the rest of the body is never read.
-        transport = self.channel.transport
+        transport: Any = self.channel.transport
         transport.write(
             b"HTTP/1.1 413 Payload Too Large\r\n"
             b"Content-Type: application/json\r\n"
@@ -117,7 +141,7 @@ class FederationSite(server.Site):
         super().__init__(root, **kwargs)
         self.max_body_bytes = max_body_bytes
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: Any) -> None:
         # fedserver logs each request itself, with its request id and outcome
         pass
 
@@ -148,7 +172,7 @@ def write_error(request: server.Request, error: FederationError) -> None:
 
 def serve(
     request: server.Request,
-    work: Callable[[], "Deferred[Response]"],
+    work: Callable[[], Deferred[Response]],
     *,
     describe: str,
     request_id: str,

@@ -31,7 +31,7 @@ class AllowList:
     def __init__(self, domains: Optional[FrozenSet[str]]) -> None:
         self.domains = domains
 
-    def _check(self, domain: str, direction: str) -> "Deferred[None]":
+    def _check(self, domain: str, direction: str) -> Deferred[None]:
         if self.domains is None or domain.lower() in self.domains:
             return defer.succeed(None)
         return defer.fail(
@@ -41,10 +41,10 @@ class AllowList:
             )
         )
 
-    def authorize_inbound(self, peer: Peer, call: FederatedCall) -> "Deferred[None]":
+    def authorize_inbound(self, peer: Peer, call: FederatedCall) -> Deferred[None]:
         return self._check(peer.claimed_domain, "inbound")
 
-    def authorize_outbound(self, domain: str, call: FederatedCall) -> "Deferred[None]":
+    def authorize_outbound(self, domain: str, call: FederatedCall) -> Deferred[None]:
         return self._check(domain, "outbound")
 
 

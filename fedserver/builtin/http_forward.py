@@ -49,7 +49,7 @@ class HTTPForwardComponent:
         self.max_body_bytes = max_body_bytes
         self.reactor = reactor
 
-    def handle(self, call: FederatedCall) -> "Deferred[Response]":
+    def handle(self, call: FederatedCall) -> Deferred[Response]:
         headers = {
             "Content-Type": ["application/json"],
             "Wire-Origin-Domain": [call.origin_domain],
@@ -68,13 +68,14 @@ class HTTPForwardComponent:
         d.addErrback(self._failed)
         return d
 
-    def _answer(self, response: Any) -> "Deferred[Response]":
-        d = read_body(response, self.max_body_bytes)
+    def _answer(self, response: Any) -> Deferred[Response]:
         content_type = response.headers.getRawHeaders(b"content-type", [b"application/json"])[0]
-        d.addCallback(
-            lambda body: Response(response.code, [("Content-Type", content_type.decode("latin-1"))], body)
-        )
-        return d
+        headers = [("Content-Type", content_type.decode("latin-1"))]
+
+        def complete(body: bytes) -> Response:
+            return Response(response.code, headers, body)
+
+        return read_body(response, self.max_body_bytes).addCallback(complete)
 
     def _failed(self, failure: Failure) -> None:
         failure.trap(Exception)

@@ -51,7 +51,7 @@ class MutualTLSAuthenticator:
             self._client_options[target.infra_domain] = options
         return options
 
-    def authenticate(self, request: InboundRequest) -> "Deferred[Peer]":
+    def authenticate(self, request: InboundRequest) -> Deferred[Peer]:
         try:
             return defer.succeed(self._authenticate(request))
         except AuthenticationFailure:
@@ -86,7 +86,7 @@ class MutualTLSAuthenticator:
             fingerprint=tls.fingerprint,
         )
 
-    def prepare_outbound(self, request: OutboundRequest, target: Target) -> "Deferred[OutboundRequest]":
+    def prepare_outbound(self, request: OutboundRequest, target: Target) -> Deferred[OutboundRequest]:
         return defer.succeed(request.with_header(ORIGIN_HEADER, self.backend_domain))
 
 

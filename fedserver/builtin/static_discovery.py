@@ -36,7 +36,7 @@ class StaticDiscovery:
     def __init__(self, table: Dict[str, List[Target]]) -> None:
         self.table = table
 
-    def discover(self, domain: str) -> "Deferred[List[Target]]":
+    def discover(self, domain: str) -> Deferred[List[Target]]:
         targets = self.table.get(domain.lower())
         if not targets:
             return defer.fail(

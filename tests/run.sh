@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install fedserver with its test dependencies into .venv and run every test:
+# lint, unit tests (in memory) and integration tests (real processes on
+# 127.0.0.1).  Usage: bash tests/run.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test,dev]' --config-settings editable_mode=strict
+
+echo "== ruff"
+.venv/bin/ruff check fedserver twisted tests etc
+echo "== mypy"
+.venv/bin/mypy fedserver
+echo "== pytest"
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
