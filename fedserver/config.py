@@ -66,7 +66,11 @@ class Options:
 
     def error(self, key: Optional[str], message: str) -> ConfigError:
         """A L{ConfigError} about C{key} of this table (or the table itself)."""
-        where = f"[{self.path}]" + (f" {key}" if key else "")
+        if not self.path and key:
+            # a top-level key is itself a table: "[server]", not "[] server"
+            where = f"[{key}]"
+        else:
+            where = f"[{self.path}]" + (f" {key}" if key else "")
         return ConfigError(message, file=self.file, path=where)
 
     def _get(self, key: str, default: Any, types: tuple, expected: str) -> Any:
@@ -240,12 +244,14 @@ class Limits:
     @ivar request_timeout: seconds for a whole outbound federated request.
     @ivar connect_timeout: seconds to establish an outbound connection.
     @ivar component_timeout: seconds for a local component to answer.
+    @ivar idle_timeout: seconds a listener keeps an idle connection open.
     """
 
     max_body_bytes: int = 1024 * 1024
     request_timeout: float = 30.0
     connect_timeout: float = 10.0
     component_timeout: float = 30.0
+    idle_timeout: float = 60.0
 
 
 @attrs.frozen
@@ -356,6 +362,9 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
             component_timeout=limits_table.get_number(
                 "component_timeout", limits.component_timeout, minimum=0.1, maximum=3600
             ),
+            idle_timeout=limits_table.get_number(
+                "idle_timeout", limits.idle_timeout, minimum=1, maximum=86400
+            ),
         )
         limits_table.check_all_used()
 
@@ -363,6 +372,9 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
     database = f"sqlite:{os.path.join(data_dir, 'fedserver.sqlite')}"
     if storage is not None:
         database = storage.get_str("database", database)
+        if database.startswith("sqlite:") and database != "sqlite:":
+            # like every other path, a relative SQLite file is relative to this file
+            database = "sqlite:" + storage.resolve(database[len("sqlite:"):])
         storage.check_all_used()
 
     discovery = top.get_table("discovery")

@@ -249,15 +249,18 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
     for service in plugin_services:
         service.setServiceParent(top)
 
-    inward_site = _TrackingSite(inward, in_flight, max_body_bytes=limits.max_body_bytes, reactor=reactor)
+    def site(root: ListenerRoot) -> _TrackingSite:
+        return _TrackingSite(root, in_flight, max_body_bytes=limits.max_body_bytes,
+                             timeout=limits.idle_timeout, reactor=reactor)
+
+    inward_site = site(inward)
     server_tls = context.authenticator.server_tls_options()
     top.inward_factory = (
         TLSMemoryBIOFactory(_CurrentServerTLS(context.authenticator), False, inward_site)
         if server_tls is not None
         else inward_site
     )
-    top.outward_site = _TrackingSite(outward, in_flight, max_body_bytes=limits.max_body_bytes,
-                                     reactor=reactor)
+    top.outward_site = site(outward)
     if listen:
         strports.service(config.inward_listen, top.inward_factory, reactor=reactor).setServiceParent(top)
         if config.outward_listen:

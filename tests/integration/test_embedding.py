@@ -14,7 +14,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.web import resource, server, static
+from twisted.web import resource, server
 
 import fedserver
 from tests.integration.harness import PKI, Component, backend_config, to_toml
@@ -43,7 +43,7 @@ async def test_embedded_federation(tmp_path: Any) -> None:
         )), reactor=reactor, listen=False)
         services.append(b)
         app = resource.Resource()
-        app.putChild(b"health", static.Data(b"ok", "text/plain"))
+        app.putChild(b"health", resource.Resource())
         app.putChild(b"federation", b.inward_resource.getStaticEntity(b"federation"))
         tls = TLSMemoryBIOFactory(b.context.authenticator.server_tls_options(), False, server.Site(app))
         b_port = reactor.listenTCP(0, tls, interface="127.0.0.1")

@@ -333,3 +333,17 @@ def test_oversized_chunked_body_is_refused(federation: Dict[str, Any]) -> None:
 def test_no_traceback_reaches_peers(federation: Dict[str, Any]) -> None:
     for server in (federation["a"], federation["b"]):
         assert "Traceback" not in server.log()
+
+
+def test_idle_connections_are_closed(tmp_path: Any) -> None:
+    pki = PKI(str(tmp_path / "pki"))
+    server = Fedserver(str(tmp_path), "idle", backend_config(
+        "b.example", "fed.b.example", pki=pki, inward_port=free_port(), outward_port=free_port(),
+        discovery={}, allow=["a.example"], components={}, limits={"idle_timeout": 1},
+    ))
+    try:
+        with socket.create_connection(("127.0.0.1", server.outward_port), timeout=10) as sock:
+            # the server closes the silent connection after about a second
+            assert sock.recv(1) == b""
+    finally:
+        server.stop()
