@@ -97,8 +97,16 @@ def read_body(response: Any, limit: int) -> Deferred[bytes]:
     if response.length is not UNKNOWN_LENGTH and response.length > limit:
         response.deliverBody(_Discard())
         return defer.fail(BodyTooLarge(response.length))
-    finished: Deferred[bytes] = Deferred()
-    response.deliverBody(_LimitedBodyReader(finished, limit))
+
+    def stop_reading(_: Deferred[bytes]) -> None:
+        # cancelled (a timeout): drop the connection rather than read on
+        transport: Any = reader.transport
+        if transport is not None:
+            transport.stopProducing()
+
+    finished: Deferred[bytes] = Deferred(stop_reading)
+    reader = _LimitedBodyReader(finished, limit)
+    response.deliverBody(reader)
     return finished
 
 
@@ -150,7 +158,7 @@ def classify_failure(failure: Failure, target: Target) -> FederationError:
                 "federation-tls-error",
                 data=data,
             )
-        if reason.check(defer.TimeoutError, defer.CancelledError, error.TimeoutError):
+        if reason.check(defer.TimeoutError, defer.CancelledError):
             return FederationError(
                 f"{where} did not answer in time", "federation-timeout", data=data
             )
@@ -161,7 +169,8 @@ def classify_failure(failure: Failure, target: Target) -> FederationError:
                 data=data,
             )
     for reason in _reasons(failure):
-        if reason.check(error.ConnectingCancelledError):
+        # error.TimeoutError is the connect timeout (a ConnectError): nothing was sent
+        if reason.check(error.ConnectingCancelledError, error.TimeoutError):
             return NotDelivered(
                 f"connecting to {where} took too long", "federation-timeout", data=data
             )

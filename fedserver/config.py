@@ -169,7 +169,7 @@ class Options:
         value = self._get(key, default, (dict,), "a table")
         if value is default:
             return value
-        return self._child(key, value)
+        return self._child(_quote(key), value)
 
     def get_tables(self, key: str, default: Any = _REQUIRED) -> Any:
         """A table of tables (C{[key.NAME]}), as a dict of name to L{Options}."""
@@ -197,7 +197,7 @@ class Options:
         for i, sub in enumerate(value):
             if not isinstance(sub, dict):
                 raise self.error(f"{key}[{i}]", "must be a table")
-            result.append(self._child(f"{key}[{i}]", sub))
+            result.append(self._child(f"{_quote(key)}[{i}]", sub))
         return result
 
     def _child(self, key: str, values: Mapping[str, Any]) -> Options:

@@ -187,4 +187,16 @@ def _in_transaction(cursor: Any, work: Callable[..., Any], *args: Any) -> Any:
 
 
 def _statements(script: str) -> List[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
+    # A semicolon inside a string literal, a comment or a trigger body does
+    # not end a statement: let SQLite say when one is complete.
+    statements: List[str] = []
+    current = ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \t\r\n;"):
+                statements.append(current.strip())
+            current = ""
+    if current.strip(" \t\r\n;"):
+        statements.append(current.strip())
+    return statements

@@ -160,8 +160,9 @@ class TLSMaterial:
             raise ConfigError("at least one CA certificate is needed", path="[tls] ca_certificates")
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.use_certificate(chain[0])
-        ctx.use_privatekey(key)
         try:
+            # OpenSSL 3 already refuses a mismatched key in use_privatekey
+            ctx.use_privatekey(key)
             ctx.check_privatekey()
         except SSL.Error:
             raise ConfigError(
@@ -251,6 +252,11 @@ class ClientCertificateServerOptions:
             ctx.add_client_ca(ca)
         ctx.set_verify(SSL.VERIFY_PEER, _record_verify_result)
         ctx.set_session_id(b"fedserver")
+        # No session resumption: a resumed session skips certificate
+        # verification, so _record_verify_result would never see a bad
+        # chain and the peer would pass as verified.
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_options(SSL.OP_NO_TICKET)
         self._context = ctx
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:

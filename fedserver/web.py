@@ -102,7 +102,7 @@ class FederationRequest(server.Request):
     def _reject_too_large(self, length: Optional[int]) -> None:
         self._rejected = True
         limit = self._limit
-        size = f"{length} bytes" if length is not None else "more bytes"
+        size = f"{length} bytes, more" if length is not None else "more bytes"
         body = FederationError(
             f"the request body has {size} than the limit of {limit} bytes "
             "([limits] max_body_bytes)",
@@ -120,6 +120,8 @@ class FederationRequest(server.Request):
             b"Connection: close\r\n\r\n" + body
         )
         transport.loseConnection()
+        # else the channel answers "Expect: 100-continue" after our 413
+        self.requestHeaders.removeHeader(b"expect")
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:

@@ -64,6 +64,10 @@ def call(outward_port, domain, component, rpc, body):
         return e.code, json.load(e)
 
 
+def _stop_requested(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--once", action="store_true", help="stop after showing the calls")
@@ -77,6 +81,9 @@ def main():
         config = os.path.join(HERE, f"{domain}.toml")
         subprocess.run([tool("fedserver"), "check-config", config], check=True)
 
+    # SIGTERM, like Ctrl-C, ends the wait below through the finally clause,
+    # which stops every process started here.
+    signal.signal(signal.SIGTERM, _stop_requested)
     processes = []
     try:
         for domain, (inward, outward, component, users) in BACKENDS.items():
@@ -115,7 +122,10 @@ def main():
                   "  curl -s -X POST -d '{\"term\": \"b\"}' "
                   "http://127.0.0.1:18080/rpc/b.example/brig/search-users\n"
                   "Press Ctrl-C to stop.")
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            while True:
+                signal.pause()
+    except KeyboardInterrupt:
+        pass
     finally:
         for process in reversed(processes):
             process.terminate()

@@ -68,7 +68,13 @@ class MutualTLSAuthenticator:
             raise AuthenticationFailure(
                 f"the client certificate ({_subject(tls)}) is not accepted: {tls.verify_error}"
             )
-        names = tls.names
+        try:
+            names = tls.names
+        except ValueError as e:
+            raise AuthenticationFailure(
+                f"the client certificate ({_subject(tls)}) cannot be parsed: {e}",
+                "certificate-parse-error",
+            ) from None
         if not names:
             raise AuthenticationFailure(
                 f"the client certificate ({_subject(tls)}) names no DNS identity",

@@ -347,3 +347,27 @@ def test_idle_connections_are_closed(tmp_path: Any) -> None:
             assert sock.recv(1) == b""
     finally:
         server.stop()
+
+
+def test_resumed_tls_session_is_verified_again(federation: Dict[str, Any]) -> None:
+    """
+    A resumed TLS session skips certificate verification in OpenSSL: a peer
+    refused once must not get in by resuming its session.
+    """
+    other = PKI(str(federation["tmp"] / "resume-pki"), "resumer CA")
+    context = tls_context(federation["pki"].ca_path, other.issue("fed.a.example", ["fed.a.example"]))
+    request = (b"POST /federation/brig/ping HTTP/1.1\r\nHost: fed.b.example\r\n"
+               b"Wire-Origin-Domain: a.example\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    session = None
+    for attempt in range(2):
+        with socket.create_connection(("127.0.0.1", federation["b"].inward_port), timeout=10) as sock:
+            with context.wrap_socket(sock, server_hostname="fed.b.example", session=session) as tls:
+                tls.sendall(request)
+                received = b""
+                while chunk := tls.recv(65536):
+                    received += chunk
+                session = tls.session
+                if attempt:
+                    assert not tls.session_reused
+        status, answer = _status_and_json(received)
+        assert (status, answer["label"]) == (403, "authentication-failure"), (attempt, answer)

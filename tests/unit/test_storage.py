@@ -1,0 +1,217 @@
+"""
+Tests for fedserver.storage.  Migrations run blocking, as at startup; the
+asynchronous methods run on adbapi's threads, so those few tests use the real
+reactor through pytest-twisted, each bounded in time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from fedserver.errors import ConfigError
+from fedserver.storage import Store, _statements
+
+ITEMS_V1 = "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL)"
+ITEMS_V2 = "ALTER TABLE items ADD COLUMN colour TEXT; CREATE INDEX items_name ON items (name)"
+
+#: seconds any database operation in these tests may take
+BOUND = 10
+
+
+def store_at(path, **schemas) -> Store:
+    store = Store(f"sqlite:{path}", reactor=None)
+    for owner, steps in schemas.items():
+        store.register_schema(owner, steps)
+    return store
+
+
+def rows(path, sql, params=()):
+    connection = sqlite3.connect(str(path))
+    try:
+        return connection.execute(sql, params).fetchall()
+    finally:
+        connection.close()
+
+
+def versions(path):
+    return dict(rows(path, "SELECT owner, version FROM fedserver_schema"))
+
+
+def tables(path):
+    return {name for (name,) in rows(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "data" / "fedserver.sqlite"
+
+
+# URLs
+
+
+@pytest.mark.parametrize("url", ["postgresql://db/fed", "mysql:x", "/var/fed.sqlite"])
+def test_unsupported_urls(url):
+    with pytest.raises(ConfigError, match="is not a supported database URL") as info:
+        Store(url, reactor=None)
+    assert info.value.path == "[storage] database"
+
+
+def test_sqlite_needs_a_file():
+    with pytest.raises(ConfigError, match="names no file"):
+        Store("sqlite:", reactor=None)
+
+
+# schemas and migrations
+
+
+def test_migrations_apply_in_order_and_record_the_version(db):
+    store = store_at(db, items=[ITEMS_V1, ITEMS_V2], keys=["CREATE TABLE keys (k TEXT)"])
+    assert store.migrate() == [("items", 1), ("items", 2), ("keys", 1)]
+    assert versions(db) == {"items": 2, "keys": 1}
+    assert {"items", "keys", "fedserver_schema"} <= tables(db)
+    assert [c[1] for c in rows(db, "PRAGMA table_info(items)")] == ["id", "name", "colour"]
+
+
+def test_a_second_run_changes_nothing(db):
+    store_at(db, items=[ITEMS_V1, ITEMS_V2]).migrate()
+    assert store_at(db, items=[ITEMS_V1, ITEMS_V2]).migrate() == []
+    assert versions(db) == {"items": 2}
+
+
+def test_only_new_steps_run(db):
+    store_at(db, items=[ITEMS_V1]).migrate()
+    rows(db, "SELECT 1")
+    assert store_at(db, items=[ITEMS_V1, ITEMS_V2]).migrate() == [("items", 2)]
+    assert versions(db) == {"items": 2}
+
+
+def test_a_database_newer_than_the_code_is_refused(db):
+    store_at(db, items=[ITEMS_V1, ITEMS_V2]).migrate()
+    with pytest.raises(ConfigError) as info:
+        store_at(db, items=[ITEMS_V1]).migrate()
+    assert info.value.path == "[storage] database"
+    assert "items schema version 2, but this fedserver knows only up to 1" in info.value.reason
+
+
+def test_a_failing_step_is_rolled_back(db):
+    broken = "CREATE TABLE half (x INTEGER); INSERT INTO no_such_table VALUES (1)"
+    with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
+        store_at(db, items=[ITEMS_V1, broken]).migrate()
+    assert versions(db) == {"items": 1}
+    assert "half" not in tables(db)
+    assert store_at(db, items=[ITEMS_V1, "CREATE TABLE half (x INTEGER)"]).migrate() == [("items", 2)]
+
+
+def test_sqlite_runs_in_wal_mode(db):
+    store_at(db, items=[ITEMS_V1]).migrate()
+    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_a_database_that_cannot_be_opened(tmp_path):
+    (tmp_path / "dir.sqlite").mkdir()
+    with pytest.raises(ConfigError, match="cannot open"):
+        store_at(tmp_path / "dir.sqlite").migrate()
+
+
+def test_registering_a_schema_twice():
+    store = Store("sqlite:/nonexistent/x.sqlite", reactor=None)
+    store.register_schema("items", [ITEMS_V1])
+    store.register_schema("items", (ITEMS_V1,))
+    with pytest.raises(ValueError, match="two different schemas are registered for 'items'"):
+        store.register_schema("items", [ITEMS_V1, ITEMS_V2])
+
+
+def test_statements_split_on_semicolons_outside_literals_and_triggers():
+    script = """
+        CREATE TABLE t (v TEXT DEFAULT 'a;b');
+        -- a comment; with a semicolon
+        CREATE TRIGGER t_log AFTER INSERT ON t BEGIN
+            INSERT INTO t (v) SELECT 'x;y' WHERE 0;
+        END;
+        CREATE INDEX t_v ON t (v)
+    """
+    statements = _statements(script)
+    assert len(statements) == 3
+    assert statements[0].startswith("CREATE TABLE t") and "'a;b'" in statements[0]
+    assert "CREATE TRIGGER" in statements[1] and statements[1].rstrip(";").endswith("END")
+    assert statements[2].startswith("CREATE INDEX")
+
+
+def test_a_step_with_a_trigger_migrates(db):
+    step = (
+        "CREATE TABLE t (v TEXT); CREATE TABLE log (v TEXT);"
+        "CREATE TRIGGER t_log AFTER INSERT ON t BEGIN INSERT INTO log VALUES (new.v); END"
+    )
+    store_at(db, t=[step]).migrate()
+    connection = sqlite3.connect(str(db))
+    connection.execute("INSERT INTO t VALUES ('a;b')")
+    connection.commit()
+    connection.close()
+    assert rows(db, "SELECT v FROM log") == [("a;b",)]
+
+
+def test_methods_need_a_running_store(db):
+    with pytest.raises(RuntimeError, match="startService was not called"):
+        store_at(db).run_query("SELECT 1")
+
+
+# the asynchronous methods, on adbapi threads
+
+
+@pytest.fixture
+def running(db):
+    from twisted.internet import reactor
+
+    store = Store(f"sqlite:{db}", reactor=reactor)
+    store.register_schema("items", [ITEMS_V1])
+    store.migrate()
+    store.startService()
+    yield store
+    store.stopService()
+
+
+def bounded(d: Deferred) -> Deferred:
+    from twisted.internet import reactor
+
+    return d.addTimeout(BOUND, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_operations_commit_and_queries_read(running, db):
+    await bounded(running.run_operation("INSERT INTO items (name) VALUES (?)", ["alice"]))
+    assert rows(db, "SELECT name FROM items") == [("alice",)]
+    assert await bounded(running.run_query("SELECT id, name FROM items WHERE name = ?", ("alice",))) == [(1, "alice")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interaction_is_one_transaction(running, db):
+    def add_two(cursor, first, second):
+        cursor.execute("INSERT INTO items (name) VALUES (?)", (first,))
+        cursor.execute("INSERT INTO items (name) VALUES (?)", (second,))
+        return cursor.execute("SELECT count(*) FROM items").fetchone()[0]
+
+    assert await bounded(running.run_interaction(add_two, "a", "b")) == 2
+    assert rows(db, "SELECT name FROM items ORDER BY id") == [("a",), ("b",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_interaction_is_rolled_back(running, db):
+    def add_then_fail(cursor):
+        cursor.execute("INSERT INTO items (name) VALUES ('ghost')")
+        cursor.execute("INSERT INTO items (name) VALUES (NULL)")
+
+    with pytest.raises(sqlite3.IntegrityError):
+        await bounded(running.run_interaction(add_then_fail))
+    assert rows(db, "SELECT name FROM items") == []
+    await bounded(running.run_operation("INSERT INTO items (name) VALUES ('after')"))
+    assert rows(db, "SELECT name FROM items") == [("after",)]
+
+
+def test_stopping_closes_the_pool(running):
+    running.stopService()
+    with pytest.raises(RuntimeError):
+        running.run_query("SELECT 1")
