@@ -22,9 +22,10 @@ from typing import Any, Callable, List, Optional
 from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
 from twisted.web.http_headers import Headers
@@ -115,6 +116,27 @@ class _Discard(Protocol):
         self.transport.stopProducing()  # type: ignore[union-attr]
 
 
+@implementer(IStreamClientEndpoint)
+class _TLSClientEndpoint:
+    """
+    TLS over another endpoint, like Twisted's C{wrapClientTLS}, but with the
+    injected reactor as the TLS layer's clock.
+    """
+
+    def __init__(self, tls: Any, wrapped: IStreamClientEndpoint, clock: Any) -> None:
+        self._tls = tls
+        self._wrapped = wrapped
+        self._clock = clock
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        tls_factory = TLSMemoryBIOFactory(self._tls, True, factory, clock=self._clock)
+
+        def unwrap(protocol: Any) -> Any:
+            return protocol.wrappedProtocol
+
+        return self._wrapped.connect(tls_factory).addCallback(unwrap)
+
+
 @implementer(IAgentEndpointFactory)
 class _TargetEndpoints:
     def __init__(self, reactor: Any, target: Target, tls: Any, connect_timeout: float) -> None:
@@ -127,7 +149,7 @@ class _TargetEndpoints:
         tcp = HostnameEndpoint(
             self._reactor, self._target.host, self._target.port, timeout=self._timeout
         )
-        return wrapClientTLS(self._tls, tcp)
+        return _TLSClientEndpoint(self._tls, tcp, self._reactor)
 
 
 class NotDelivered(FederationError):

@@ -93,7 +93,7 @@ class Options:
     def get_str(self, key: str, default: Any = _REQUIRED) -> Any:
         """A string option."""
         value = self._get(key, default, (str,), "a string")
-        if value is not default and not value:
+        if key in self._values and not value:
             raise self.error(key, "must not be empty")
         return value
 
@@ -111,7 +111,7 @@ class Options:
     ) -> Any:
         """An integer option, optionally bounded (inclusive)."""
         value = self._get(key, default, (int,), "an integer")
-        if value is not default:
+        if key in self._values:
             self._check_range(key, value, minimum, maximum)
         return value
 
@@ -125,7 +125,7 @@ class Options:
     ) -> Any:
         """A number option (integer or float), returned as a float."""
         value = self._get(key, default, (int, float), "a number")
-        if value is not default:
+        if key in self._values:
             value = float(value)
             self._check_range(key, value, minimum, maximum)
         return value
@@ -139,7 +139,7 @@ class Options:
     def get_str_list(self, key: str, default: Any = _REQUIRED) -> Any:
         """A list of non-empty strings."""
         value = self._get(key, default, (list,), "a list of strings")
-        if value is default:
+        if key not in self._values:
             return value
         for i, item in enumerate(value):
             if not isinstance(item, str) or not item:
@@ -149,14 +149,14 @@ class Options:
     def get_path(self, key: str, default: Any = _REQUIRED) -> Any:
         """A file system path, resolved against the configuration's folder."""
         value = self.get_str(key, default)
-        if value is default:
+        if key not in self._values:
             return value
         return self.resolve(value)
 
     def get_path_list(self, key: str, default: Any = _REQUIRED) -> Any:
         """A list of paths, each resolved against the configuration's folder."""
         value = self.get_str_list(key, default)
-        if value is default:
+        if key not in self._values:
             return value
         return [self.resolve(v) for v in value]
 
@@ -167,14 +167,14 @@ class Options:
     def get_table(self, key: str, default: Any = _REQUIRED) -> Any:
         """A sub-table, as L{Options}."""
         value = self._get(key, default, (dict,), "a table")
-        if value is default:
+        if key not in self._values:
             return value
         return self._child(_quote(key), value)
 
     def get_tables(self, key: str, default: Any = _REQUIRED) -> Any:
         """A table of tables (C{[key.NAME]}), as a dict of name to L{Options}."""
         value = self._get(key, default, (dict,), "a table of tables")
-        if value is default:
+        if key not in self._values:
             return value
         result = {}
         for name, sub in value.items():
@@ -191,7 +191,7 @@ class Options:
         if single_ok and isinstance(self._values.get(key), dict):
             return [self.get_table(key)]
         value = self._get(key, default, (list,), "an array of tables ([[...]])")
-        if value is default:
+        if key not in self._values:
             return value
         result = []
         for i, sub in enumerate(value):

@@ -18,7 +18,7 @@ from fedserver.errors import FederationError
 from fedserver.pipeline import Pipeline
 from fedserver.tls import peer_certificate
 from fedserver.values import InboundRequest
-from fedserver.web import NAME, body_of, request_id_from, require_post, serve, write_error
+from fedserver.web import NAME, body_of, refuse, request_id_from, require_post, serve
 
 
 def parse_route(request: server.Request, prefix: bytes, count: int) -> Tuple[str, ...]:
@@ -67,8 +67,7 @@ class InwardFederationResource(resource.Resource):
             component, rpc = parse_route(request, b"/federation/", 2)
             body = body_of(request, self.max_body_bytes)
         except FederationError as e:
-            write_error(request, e)
-            return server.NOT_DONE_YET
+            return refuse(request, e, request_id)
         inbound = InboundRequest(
             method="POST",
             path=request.path.decode("ascii"),

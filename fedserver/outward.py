@@ -18,7 +18,7 @@ from fedserver.errors import FederationError
 from fedserver.inward import headers_of
 from fedserver.pipeline import Pipeline, remote_error
 from fedserver.values import FederatedCall, Response
-from fedserver.web import NAME, body_of, request_id_from, require_post, serve, write_error
+from fedserver.web import NAME, body_of, refuse, request_id_from, require_post, serve
 
 _DOMAIN = re.compile(rb"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
@@ -39,8 +39,7 @@ class OutwardRPCResource(resource.Resource):
             domain, component, rpc = self._parse(request)
             body = body_of(request, self.max_body_bytes)
         except FederationError as e:
-            write_error(request, e)
-            return server.NOT_DONE_YET
+            return refuse(request, e, request_id)
         call = FederatedCall(
             origin_domain=self.pipeline.backend_domain,
             target_domain=domain,
@@ -59,8 +58,9 @@ class OutwardRPCResource(resource.Resource):
             return d
 
         def with_context(error: FederationError) -> FederationError:
-            if error.data is None:
-                error.data = {"type": "federation", "domain": domain, "path": path}
+            # as wire-server: the backend domain called and the path, whatever
+            # step failed (a connection error names the infrastructure domain)
+            error.data = {"type": "federation", "domain": domain, "path": path}
             return error
 
         return serve(

@@ -99,6 +99,8 @@ class Pipeline:
 
     async def _send(self, request: OutboundRequest) -> Response:
         targets = await self.discovery.discover(request.destination)
+        if not targets:
+            raise DiscoveryFailure(f"discovery found no target for {request.destination}")
         last: Optional[FederationError] = None
         for target in targets:
             prepared = await self.authenticator.prepare_outbound(request, target)
@@ -107,15 +109,16 @@ class Pipeline:
             except NotDelivered as e:
                 log.info(
                     "{destination}: target {host}:{port} failed ({label}); "
-                    "{remaining} more to try",
+                    "{remaining} more to try [request {request_id}]",
                     destination=request.destination,
+                    request_id=request.header("Request-Id"),
                     host=target.host,
                     port=target.port,
                     label=e.label,
                     remaining=len(targets) - targets.index(target) - 1,
                 )
                 last = e
-        assert last is not None, "discovery returned no target"
+        assert last is not None  # targets is not empty
         raise last
 
     # inbound
@@ -174,6 +177,8 @@ class Pipeline:
         claimed = peer.claimed_domain
         try:
             targets = await self.discovery.discover(claimed)
+            if not targets:
+                raise DiscoveryFailure(f"discovery found no target for {claimed}")
         except DiscoveryFailure as e:
             raise DiscoveryFailure(
                 f"cannot validate the origin domain {claimed}: {e.message}", e.label

@@ -8,6 +8,7 @@ only way anything gets in.
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any, Dict, Iterable, List, Mapping, Tuple, Type
 
 import attrs
@@ -50,10 +51,43 @@ def make_plugin_manager(
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     if load_entrypoints:
-        manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+        _load_entry_points(manager)
     for plugin in plugins:
         manager.register(plugin)
     return manager
+
+
+#: pluggy plugin name prefix of plugins loaded from entry points
+_ENTRY_POINT = "entry point "
+
+
+def _load_entry_points(manager: pluggy.PluginManager) -> None:
+    """
+    Register every C{fedserver} entry point of every installed distribution.
+
+    Unlike pluggy's own loader, this never skips an entry point because
+    another distribution used the same entry point name: each is registered
+    under its distribution's name, so two plugins offering one factory name
+    reach L{PluginRegistry}, which refuses the duplicate and names both.
+    """
+    seen = set()
+    for dist in importlib.metadata.distributions():
+        project = dist.metadata["Name"] or "?"
+        for entry_point in dist.entry_points:
+            key = (project.lower().replace("_", "-"), entry_point.name)
+            if entry_point.group != hookspecs.PROJECT or key in seen:
+                continue  # the same distribution twice on sys.path counts once
+            seen.add(key)
+            source = f"{project} {dist.version}"
+            try:
+                plugin = entry_point.load()
+            except Exception as e:
+                raise ConfigError(
+                    f"the fedserver plugin {entry_point.name!r} of {source} "
+                    f"({entry_point.value}) cannot be imported: {type(e).__name__}: {e}"
+                ) from None
+            if not manager.is_registered(plugin):
+                manager.register(plugin, name=f"{_ENTRY_POINT}{entry_point.name} of {source}")
 
 
 @attrs.frozen
@@ -73,7 +107,6 @@ class PluginRegistry:
     def __init__(self, manager: pluggy.PluginManager) -> None:
         self._manager = manager
         self._by_kind: Dict[str, Dict[str, Registration]] = {}
-        sources = _plugin_sources(manager)
         for kind, (hook_name, _) in KINDS.items():
             table: Dict[str, Registration] = {}
             hook = getattr(manager.hook, hook_name)
@@ -81,7 +114,7 @@ class PluginRegistry:
                 answer = impl.function()
                 if not answer:
                     continue
-                source = sources.get(id(impl.plugin), impl.plugin_name)
+                source = _source(impl.plugin_name)
                 for name, factory in dict(answer).items():
                     if name in table:
                         raise ConfigError(
@@ -140,12 +173,11 @@ def check_provides(interface: Type[Interface], product: object, what: str) -> No
         ) from None
 
 
-def _plugin_sources(manager: pluggy.PluginManager) -> Dict[int, str]:
-    """Map each registered plugin object to the distribution that installed it."""
-    sources: Dict[int, str] = {}
-    for plugin, dist in manager.list_plugin_distinfo():
-        sources[id(plugin)] = f"{dist.project_name} {dist.version}"
-    return sources
+def _source(plugin_name: str) -> str:
+    """Where a plugin came from: its distribution, else its pluggy name."""
+    if plugin_name.startswith(_ENTRY_POINT):
+        return plugin_name.rsplit(" of ", 1)[-1]
+    return plugin_name
 
 
 def describe(registry: PluginRegistry) -> List[Tuple[str, str, str]]:

@@ -91,16 +91,15 @@ class _TrackingSite(FederationSite):
         return super().getResourceFor(request)
 
 
-class _Shutdown(Service):
+class _Drain(Service):
     """
-    First to start and last to stop: after the listeners have stopped,
-    waits (bounded) for requests in flight, then closes client pools.
+    Stopped right after the listeners: waits, bounded by L{DRAIN_TIMEOUT},
+    for the requests in flight to be answered.
     """
 
-    def __init__(self, reactor: Any, in_flight: _InFlight, closers: List[Any]) -> None:
+    def __init__(self, reactor: Any, in_flight: _InFlight) -> None:
         self._reactor = reactor
         self._in_flight = in_flight
-        self._closers = closers
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -111,12 +110,18 @@ class _Shutdown(Service):
         d.addTimeout(DRAIN_TIMEOUT, self._reactor)
         d.addErrback(lambda f: log.warn("stopped with {n} requests still in flight",
                                         n=self._in_flight.count))
+        return d
 
-        def close(_: Any) -> Deferred[Any]:
-            return defer.gatherResults([defer.maybeDeferred(c) for c in self._closers],
-                                       consumeErrors=True)
 
-        d.addCallback(close)
+class _ClosePools(Service):
+    """Stopped last: closes the HTTP client pools."""
+
+    def __init__(self, closers: List[Any]) -> None:
+        self._closers = closers
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        d = defer.gatherResults([defer.maybeDeferred(c) for c in self._closers], consumeErrors=True)
         d.addErrback(lambda f: log.failure("closing client pools failed", f))
         return d
 
@@ -124,6 +129,11 @@ class _Shutdown(Service):
 class FederationService(MultiService):
     """
     A configured fedserver: storage, plugin services and both listeners.
+
+    Children start in order and stop one after the other in reverse order:
+    the listeners stop accepting, the requests in flight are answered (for
+    at most L{DRAIN_TIMEOUT} seconds), then plugin services, the store and
+    the client pools stop.
 
     @ivar context: the L{Context} every plugin was built with.
     @ivar pipeline: the L{Pipeline}.
@@ -140,6 +150,17 @@ class FederationService(MultiService):
     outward_resource: ListenerRoot
     inward_factory: Any
     outward_site: Any
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {child} failed", child=child)
 
 
 def build_service(
@@ -195,6 +216,11 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
         connect_timeout=limits.connect_timeout,
         max_body_bytes=limits.max_body_bytes,
     )
+    if not config.authorizers:
+        raise ConfigError(
+            "no [[authorizers]] table: name whom this backend federates with, for example "
+            '[[authorizers]] plugin = "allow-list" with domains = [...] (or allow_all = true)'
+        )
     context.authorizers = [registry.build("authorizer", o, context) for o in config.authorizers]
     context.identity_providers = {
         name: registry.build("identity_provider", o, context)
@@ -244,10 +270,11 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
     top.pipeline = pipeline
     top.inward_resource = inward
     top.outward_resource = outward
-    _Shutdown(reactor, in_flight, [context.client.close, local_pool.closeCachedConnections]).setServiceParent(top)
+    _ClosePools([context.client.close, local_pool.closeCachedConnections]).setServiceParent(top)
     store.setServiceParent(top)
     for service in plugin_services:
         service.setServiceParent(top)
+    _Drain(reactor, in_flight).setServiceParent(top)
 
     def site(root: ListenerRoot) -> _TrackingSite:
         return _TrackingSite(root, in_flight, max_body_bytes=limits.max_body_bytes,
@@ -256,16 +283,27 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
     inward_site = site(inward)
     server_tls = context.authenticator.server_tls_options()
     top.inward_factory = (
-        TLSMemoryBIOFactory(_CurrentServerTLS(context.authenticator), False, inward_site)
+        TLSMemoryBIOFactory(_CurrentServerTLS(context.authenticator), False, inward_site, clock=reactor)
         if server_tls is not None
         else inward_site
     )
     top.outward_site = site(outward)
     if listen:
-        strports.service(config.inward_listen, top.inward_factory, reactor=reactor).setServiceParent(top)
+        _listener(config.inward_listen, "[inward] listen", top.inward_factory, reactor).setServiceParent(top)
         if config.outward_listen:
-            strports.service(config.outward_listen, top.outward_site, reactor=reactor).setServiceParent(top)
+            _listener(config.outward_listen, "[outward] listen", top.outward_site, reactor).setServiceParent(top)
     return top
+
+
+def _listener(description: str, key: str, factory: Any, reactor: Any) -> IService:
+    try:
+        return strports.service(description, factory, reactor=reactor)
+    except Exception as e:  # the endpoint parsers raise several kinds
+        raise ConfigError(
+            f"{description!r} is not a Twisted server endpoint description "
+            f"(such as tcp:8443:interface=127.0.0.1): {e}",
+            path=key,
+        ) from None
 
 
 def _flatten(answers: Iterable[Optional[Iterable[Any]]]) -> Iterable[Any]:

@@ -108,8 +108,12 @@ class FederationRequest(server.Request):
             "([limits] max_body_bytes)",
             "request-too-large",
         ).to_bytes()
-        log.info("refused a request body over {limit} bytes from {peer}", limit=limit,
-                 peer=self.getClientAddress())
+        log.info(
+            "refused a request body over {limit} bytes from {peer} [request {request_id}]",
+            limit=limit,
+            peer=self.getClientAddress(),
+            request_id=request_id_from(self, b"request-id"),
+        )
         # The request was never dispatched, so answer on the raw transport and
         # close: the rest of the body is never read.
         transport: Any = self.channel.transport
@@ -153,7 +157,7 @@ def write_response(request: server.Request, response: Response, *, only: Optiona
     Send C{response}.  With C{only}, pass just those headers (lower-case
     names) of C{response}.
     """
-    if request._disconnected:
+    if getattr(request, "_disconnected", False):  # the client went away
         return
     request.setResponseCode(response.code)
     for name, value in response.headers:
@@ -162,6 +166,19 @@ def write_response(request: server.Request, response: Response, *, only: Optiona
     request.setHeader(b"content-length", b"%d" % len(response.body))
     request.write(response.body)
     request.finish()
+
+
+def refuse(request: server.Request, error: FederationError, request_id: str) -> int:
+    """
+    Answer a request that was refused before any work started (a bad route,
+    a body over the limit), logging it like any other; returns
+    C{NOT_DONE_YET} for C{render}.
+    """
+    method = request.method.decode("latin-1", "replace")
+    path = request.path.decode("latin-1", "replace")[:200]
+    _log_outcome(f"{method} {path}", request_id, error.code, error.label, time.monotonic(), error.message)
+    write_error(request, error)
+    return server.NOT_DONE_YET
 
 
 def write_error(request: server.Request, error: FederationError) -> None:
@@ -199,7 +216,7 @@ def serve(
         write_response(request, response, only=only)
 
     def failed(failure: Failure) -> None:
-        if failure.check(CancelledError) and request._disconnected:
+        if failure.check(CancelledError) and getattr(request, "_disconnected", False):
             _log_outcome(describe, request_id, 499, "client-gone", started)
             return
         if failure.check(FederationError):
@@ -252,10 +269,8 @@ class ErrorResource(resource.Resource):
         super().__init__()
         self.error = error
 
-    def render(self, request: server.Request) -> bytes:
-        request.setResponseCode(self.error.code)
-        request.setHeader(b"content-type", b"application/json")
-        return self.error.to_bytes()
+    def render(self, request: server.Request) -> int:
+        return refuse(request, self.error, request_id_from(request, b"request-id"))
 
 
 class ListenerRoot(resource.Resource):

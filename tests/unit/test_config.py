@@ -299,3 +299,15 @@ def test_check_domain_returns_valid_names():
     assert check_domain(table, "d", "fed-1.b.example") == "fed-1.b.example"
     with pytest.raises(ConfigError, match=r"\[test\] d: '' is not"):
         check_domain(table, "d", "")
+
+
+def test_a_value_equal_to_its_default_is_still_checked(tmp_path):
+    from fedserver.config import Options
+
+    options = Options({"n": 0, "s": "", "f": 2, "p": "rel"}, file="f.toml", path="t", base_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"\[t\] n: must be at least 1"):
+        options.get_int("n", 0, minimum=1)
+    with pytest.raises(ConfigError, match=r"\[t\] s: must not be empty"):
+        options.get_str("s", "")
+    assert isinstance(options.get_number("f", 2), float)
+    assert options.get_path("p", "rel") == str(tmp_path / "rel")

@@ -131,10 +131,13 @@ def test_failures_carry_the_domain_and_path(rig_options, code, label):
     assert body["data"] == {"type": "federation", "domain": "b.example", "path": FEDERATION_PATH}
 
 
-def test_data_already_set_is_kept():
+def test_data_names_the_backend_domain_and_path_whatever_step_failed():
+    # a connection error names the infrastructure domain; the component
+    # that called sees the backend domain and path it asked for, as in wire-server
     error = FederationError("x", "federation-tls-error", data={"type": "federation", "domain": "fed.b.example"})
     body = post(make_rig(outcomes={"fed.b.example": error})).labelled(525, "federation-tls-error")
-    assert body["data"] == {"type": "federation", "domain": "fed.b.example"}
+    assert body["data"]["domain"] == "b.example"
+    assert body["data"]["path"].startswith("/federation/")
 
 
 def test_an_unexpected_failure_is_an_internal_error_without_details():

@@ -181,3 +181,68 @@ def test_a_hook_with_a_wrong_signature_is_refused_at_registration():
     module.fedserver_services = hookimpl(fedserver_services)
     with pytest.raises(Exception, match="extra"):
         make_plugin_manager(load_entrypoints=False, plugins=[module])
+
+
+class _FakeDistribution:
+    def __init__(self, name: str, version: str, entry_points: list) -> None:
+        self.metadata = {"Name": name}
+        self.version = version
+        self.entry_points = entry_points
+
+
+def test_entry_points_of_two_distributions_with_one_name_are_both_seen(monkeypatch) -> None:
+    import importlib.metadata
+    import types
+
+    from fedserver import hookimpl
+    from fedserver.registry import PluginRegistry, make_plugin_manager
+
+    def plugin_module(name: str) -> types.ModuleType:
+        module = types.ModuleType(name)
+
+        @hookimpl
+        def fedserver_discovery_plugins() -> dict:
+            return {"static": lambda options, context: None}
+
+        module.fedserver_discovery_plugins = fedserver_discovery_plugins  # type: ignore[attr-defined]
+        return module
+
+    modules = {"first": plugin_module("first"), "second": plugin_module("second")}
+
+    class EntryPoint:
+        group = "fedserver"
+        name = "static"
+
+        def __init__(self, module: str) -> None:
+            self.value = module
+
+        def load(self) -> types.ModuleType:
+            return modules[self.value]
+
+    distributions = [
+        _FakeDistribution("fedserver", "0.1.0", [EntryPoint("first")]),
+        _FakeDistribution("shadow-plugin", "9.9", [EntryPoint("second")]),
+        _FakeDistribution("fedserver", "0.1.0", [EntryPoint("first")]),  # on sys.path twice
+    ]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: distributions)
+    with pytest.raises(ConfigError, match=r"'static' is registered twice: by fedserver 0.1.0 and by shadow-plugin 9.9"):
+        PluginRegistry(make_plugin_manager())
+
+
+def test_an_entry_point_that_cannot_be_imported_is_named(monkeypatch) -> None:
+    import importlib.metadata
+
+    from fedserver.registry import make_plugin_manager
+
+    class Broken:
+        group = "fedserver"
+        name = "broken"
+        value = "no_such_module"
+
+        def load(self) -> None:
+            raise ImportError("No module named 'no_such_module'")
+
+    monkeypatch.setattr(importlib.metadata, "distributions",
+                        lambda: [_FakeDistribution("broken-plugin", "1.0", [Broken()])])
+    with pytest.raises(ConfigError, match=r"'broken' of broken-plugin 1.0 \(no_such_module\) cannot be imported"):
+        make_plugin_manager()

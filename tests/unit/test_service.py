@@ -24,7 +24,7 @@ from fedserver import ConfigError, hookimpl
 from fedserver.interfaces import IIdentityProvider
 from fedserver.pki import issue, make_ca, write_issued
 from fedserver.registry import make_plugin_manager
-from fedserver.service import _InFlight, _Shutdown, build_service
+from fedserver.service import DRAIN_TIMEOUT, _Drain, _InFlight, build_service
 from fedserver.values import Identity
 
 BUILTINS = [
@@ -128,12 +128,23 @@ ca_certificates = ["{ca_path}"]
 plugin = "static"
 [authenticator]
 plugin = "mtls"
+[[authorizers]]
+plugin = "allow-list"
+allow_all = true
 {extra}
 """
         )
         return str(path)
 
     return write
+
+
+def _rewrite(path: str, old: str, new: str) -> None:
+    with open(path) as f:
+        text = f.read()
+    assert old in text
+    with open(path, "w") as f:
+        f.write(text.replace(old, new))
 
 
 def _build(path: str, *plugins: Any, **kwargs: Any) -> Any:
@@ -212,41 +223,58 @@ def test_service_that_is_not_a_service(config_file: Any) -> None:
         _build(config_file(), NotAService())
 
 
-def test_stop_waits_for_requests_in_flight() -> None:
-    reactor = MemoryReactorClock()
-    in_flight = _InFlight()
-    closed: List[str] = []
-    shutdown = _Shutdown(reactor, in_flight, [lambda: closed.append("pools")])
-    shutdown.startService()
-    finishing: defer.Deferred = defer.Deferred()
+class PendingRequest:
+    """Stands for a request being answered: finishes when told to."""
 
-    class Request:
-        def notifyFinish(self) -> defer.Deferred:
-            return finishing
+    def __init__(self) -> None:
+        self.finished: defer.Deferred = defer.Deferred()
 
-    in_flight.track(Request())  # type: ignore[arg-type]
-    stopped = shutdown.stopService()
-    assert not stopped.called and closed == []
-    finishing.callback(None)
-    assert stopped.called and closed == ["pools"]
+    def notifyFinish(self) -> defer.Deferred:
+        return self.finished
+
+
+def test_stop_drains_requests_before_plugin_services_and_store(config_file: Any) -> None:
+    plugin = ProtocolPlugin()
+    top = _build(config_file(), plugin)
+    top.startService()
+    (drain,) = [child for child in top if isinstance(child, _Drain)]
+    request = PendingRequest()
+    drain._in_flight.track(request)  # type: ignore[arg-type]
+    stopped = top.stopService()
+    # the listeners are down, the plugin service and store still run
+    assert plugin.service.events == ["start"]
+    assert top.context.storage.running
+    request.finished.callback(None)
+    assert stopped.called
+    assert plugin.service.events == ["start", "stop"]
+    assert not top.context.storage.running
 
 
 def test_stop_gives_up_waiting_after_the_drain_timeout() -> None:
     reactor = MemoryReactorClock()
     in_flight = _InFlight()
-    closed: List[str] = []
-    shutdown = _Shutdown(reactor, in_flight, [lambda: closed.append("pools")])
-
-    class Request:
-        def notifyFinish(self) -> defer.Deferred:
-            return defer.Deferred()
-
-    in_flight.track(Request())  # type: ignore[arg-type]
-    stopped = shutdown.stopService()
-    reactor.advance(9)
+    drain = _Drain(reactor, in_flight)
+    drain.startService()
+    in_flight.track(PendingRequest())  # type: ignore[arg-type]
+    stopped = drain.stopService()
+    reactor.advance(DRAIN_TIMEOUT - 1)
     assert not stopped.called
     reactor.advance(2)
-    assert stopped.called and closed == ["pools"]
+    assert stopped.called
+
+
+def test_no_authorizer_is_an_error(config_file: Any) -> None:
+    path = config_file()
+    _rewrite(path, '[[authorizers]]\nplugin = "allow-list"\nallow_all = true\n', "")
+    with pytest.raises(ConfigError, match=r"no \[\[authorizers\]\] table"):
+        _build(path)
+
+
+def test_bad_listen_description_names_the_key(config_file: Any) -> None:
+    path = config_file()
+    _rewrite(path, 'listen = "tcp:0"', 'listen = "tcpp:0"')
+    with pytest.raises(ConfigError, match=r"\[inward\] listen: 'tcpp:0' is not a Twisted server endpoint"):
+        _build(path)
 
 
 def test_resources_are_plain_twisted_resources(config_file: Any) -> None:

@@ -13,7 +13,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
-from twisted.web import resource
+from twisted.web import resource, server
 from twisted.web.test.requesthelper import DummyRequest
 
 from fedserver.errors import FederationError
@@ -335,6 +335,8 @@ def test_a_segment_is_mounted_once():
 
 def test_error_resource():
     request = DummyRequest([b""])
-    body = ErrorResource(FederationError("gone", "invalid-endpoint")).render(request)
+    request.path = b"/nowhere"
+    assert ErrorResource(FederationError("gone", "invalid-endpoint")).render(request) == server.NOT_DONE_YET
     assert request.responseCode == 403
-    assert body == b'{"code": 403, "label": "invalid-endpoint", "message": "gone"}'
+    assert b"".join(request.written) == b'{"code": 403, "label": "invalid-endpoint", "message": "gone"}'
+    assert request.finished
