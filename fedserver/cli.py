@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from typing import Any, Optional, Sequence
 
 from fedserver.errors import ConfigError, FederationError
@@ -84,7 +85,7 @@ async def _run_federation_request(reactor: Any, args: argparse.Namespace, body: 
         method=args.method,
         headers=(),
         body=body,
-        request_id="federation-request",
+        request_id=f"federation-request-{uuid.uuid4()}",
     )
     headers = [("Request-Id", call.request_id)]
     if body:

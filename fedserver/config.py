@@ -11,6 +11,7 @@ against the configuration file's folder.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -45,14 +46,19 @@ class Options:
     @ivar file: the configuration file's path (for messages).
     @ivar path: the table's dotted path, e.g. C{discovery} or C{components.brig}.
     @ivar base_dir: the folder relative paths resolve against.
+    @ivar name: for a table of a table of tables (C{[components.NAME]}),
+        its NAME; else C{None}.
     """
 
-    def __init__(self, values: Mapping[str, Any], *, file: str, path: str, base_dir: str) -> None:
+    def __init__(
+        self, values: Mapping[str, Any], *, file: str, path: str, base_dir: str, name: Optional[str] = None
+    ) -> None:
         self._values = dict(values)
         self._used: set = set()
         self.file = file
         self.path = path
         self.base_dir = base_dir
+        self.name = name
 
     def __repr__(self) -> str:
         return f"<Options [{self.path}] of {self.file}>"
@@ -180,7 +186,7 @@ class Options:
         for name, sub in value.items():
             if not isinstance(sub, dict):
                 raise self.error(f"{key}.{name}", f"must be a table, not {_describe_type(sub)}")
-            result[name] = self._child(f"{key}.{_quote(name)}", sub)
+            result[name] = self._child(f"{key}.{_quote(name)}", sub, name=name)
         return result
 
     def get_table_list(self, key: str, default: Any = _REQUIRED, *, single_ok: bool = False) -> Any:
@@ -200,9 +206,9 @@ class Options:
             result.append(self._child(f"{_quote(key)}[{i}]", sub))
         return result
 
-    def _child(self, key: str, values: Mapping[str, Any]) -> Options:
+    def _child(self, key: str, values: Mapping[str, Any], name: Optional[str] = None) -> Options:
         path = f"{self.path}.{key}" if self.path else key
-        return Options(values, file=self.file, path=path, base_dir=self.base_dir)
+        return Options(values, file=self.file, path=path, base_dir=self.base_dir, name=name)
 
     def was_read(self) -> bool:
         """Whether anybody read any key of this table."""
@@ -282,19 +288,26 @@ class Config:
         return self.sections.get(name)
 
 
+_COMPONENT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
 _DOMAIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-.")
 
 
-def check_domain(options: Options, key: str, value: str) -> str:
-    """Validate a DNS domain name (lower case ASCII labels); return it."""
+def is_domain_name(value: str) -> bool:
+    """Whether C{value} is a lower-case DNS domain name of ASCII labels."""
     labels = value.split(".")
-    if (
+    return not (
         not value
         or len(value) > 253
         or any(not label or len(label) > 63 for label in labels)
         or not set(value) <= _DOMAIN_CHARS
         or any(label.startswith("-") or label.endswith("-") for label in labels)
-    ):
+    )
+
+
+def check_domain(options: Options, key: str, value: str) -> str:
+    """Validate a DNS domain name (lower case ASCII labels); return it."""
+    if not is_domain_name(value):
         raise options.error(key, f"{value!r} is not a lower-case DNS domain name")
     return value
 
@@ -385,6 +398,13 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
     for table in authorizers:
         table.plugin  # noqa: B018
     components = top.get_tables("components", {})
+    for name in components:
+        if not _COMPONENT_NAME.fullmatch(name):
+            raise top.error(
+                f"components.{_quote(name)}",
+                "component names are ASCII letters, digits, '_' and '-' (they appear in "
+                "/federation/{component}/{rpc})",
+            )
     identity_providers = top.get_tables("identity_providers", {})
     for table in [*components.values(), *identity_providers.values()]:
         table.plugin  # noqa: B018

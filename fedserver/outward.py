@@ -9,18 +9,15 @@ C{federation-remote-error} (533) with the remote's error under C{inner}.
 
 from __future__ import annotations
 
-import re
-
 from twisted.internet.defer import Deferred
 from twisted.web import resource, server
 
+from fedserver.config import is_domain_name
 from fedserver.errors import FederationError
 from fedserver.inward import headers_of
 from fedserver.pipeline import Pipeline, remote_error
 from fedserver.values import FederatedCall, Response
 from fedserver.web import NAME, body_of, refuse, request_id_from, require_post, serve
-
-_DOMAIN = re.compile(rb"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
 class OutwardRPCResource(resource.Resource):
@@ -82,7 +79,7 @@ class OutwardRPCResource(resource.Resource):
                 "the path must be /rpc/{domain}/{component}/{rpc}", "invalid-endpoint"
             )
         domain, component, rpc = parts[2:]
-        if not _DOMAIN.fullmatch(domain):
+        if not is_domain_name(domain.decode("latin-1")):
             raise FederationError(
                 f"{domain.decode('latin-1')!r} is not a lower-case domain name", "invalid-endpoint"
             )

@@ -119,6 +119,13 @@ class Store(Service):
                             (owner, version),
                         )
                         connection.execute("COMMIT")
+                    except sqlite3.Error as e:
+                        connection.execute("ROLLBACK")
+                        raise ConfigError(
+                            f"{owner} schema step {version} failed in {self.path}: {e}; "
+                            "the database was left at the previous step",
+                            path="[storage] database",
+                        ) from None
                     except BaseException:
                         connection.execute("ROLLBACK")
                         raise

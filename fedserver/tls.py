@@ -13,7 +13,6 @@ TLS alert, and no request is ever handled before it has been authenticated.
 from __future__ import annotations
 
 import hashlib
-import os
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -132,7 +131,6 @@ class TLSMaterial:
     chain: Tuple[x509.Certificate, ...]
     private_key: Any
     ca_certificates: Tuple[x509.Certificate, ...]
-    stamp: Tuple[Tuple[str, float], ...] = ()
 
     @classmethod
     def load(
@@ -169,9 +167,7 @@ class TLSMaterial:
                 f"{private_key} is not the key of the certificate in {certificate}",
                 path="[tls] private_key",
             ) from None
-        paths = [certificate, private_key, *ca_certificates]
-        stamp = tuple((p, os.stat(p).st_mtime) for p in paths)
-        return cls(tuple(chain), key, tuple(roots), stamp)
+        return cls(tuple(chain), key, tuple(roots))
 
     @property
     def leaf(self) -> x509.Certificate:

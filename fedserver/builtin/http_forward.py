@@ -98,7 +98,7 @@ def make_http_forward(options: Options, context: Context) -> HTTPForwardComponen
         raise options.error("url", f"must be an http:// or https:// URL without query, not {url!r}")
     limits = context.config.limits
     timeout = options.get_number("timeout", limits.component_timeout, minimum=0.1, maximum=3600)
-    name = options.path.rsplit(".", 1)[-1]
+    name = options.name or options.path
     return HTTPForwardComponent(
         name, url, context.http, timeout=timeout, max_body_bytes=limits.max_body_bytes,
         reactor=context.reactor,

@@ -22,12 +22,18 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from fedserver.config import Options
+from fedserver.config import Options, is_domain_name
 from fedserver.context import Context
-from fedserver.errors import AuthenticationFailure
+from fedserver.errors import AuthenticationFailure, ConfigError
 from fedserver.hookspecs import hookimpl
 from fedserver.interfaces import IAuthenticator
-from fedserver.tls import ClientCertificateServerOptions, PeerCertificate, TLSMaterial
+from fedserver.tls import (
+    ClientCertificateServerOptions,
+    PeerCertificate,
+    TLSMaterial,
+    certificate_names,
+    has_client_auth_usage,
+)
 from fedserver.values import InboundRequest, OutboundRequest, Peer, Target
 
 ORIGIN_HEADER = "Wire-Origin-Domain"
@@ -85,9 +91,14 @@ class MutualTLSAuthenticator:
             raise AuthenticationFailure(
                 f"the {ORIGIN_HEADER} header is missing", "no-origin-domain"
             )
+        claimed = origin.strip().lower()
+        if not is_domain_name(claimed):
+            raise AuthenticationFailure(
+                f"the {ORIGIN_HEADER} header {origin[:100]!r} is not a domain name", "validation-error"
+            )
         return Peer(
             identities=names,
-            claimed_domain=origin.strip().lower(),
+            claimed_domain=claimed,
             domain_proven=False,
             fingerprint=tls.fingerprint,
         )
@@ -101,9 +112,31 @@ def _subject(tls: PeerCertificate) -> str:
 
 
 def make_mtls(options: Options, context: Context) -> MutualTLSAuthenticator:
-    return MutualTLSAuthenticator(
-        context.tls_material("the mtls authenticator"), context.backend_domain
-    )
+    material = context.tls_material("the mtls authenticator")
+    check_own_certificate(material, context.infra_domain)
+    return MutualTLSAuthenticator(material, context.backend_domain)
+
+
+def check_own_certificate(material: TLSMaterial, infra_domain: str) -> None:
+    """
+    Our certificate must name our infrastructure domain (peers validate our
+    origin against it) and allow TLS client authentication (we present it
+    as a client): refuse to start otherwise, rather than fail every call.
+    """
+    names = certificate_names(material.leaf)
+    subject = material.leaf.subject.rfc4514_string()
+    if infra_domain not in names:
+        raise ConfigError(
+            f"our certificate ({subject}) is for {', '.join(sorted(names)) or 'no DNS name'}, "
+            f"not for [server] infra_domain {infra_domain}",
+            path="[tls] certificate",
+        )
+    if not has_client_auth_usage(material.leaf):
+        raise ConfigError(
+            f"our certificate ({subject}) lacks the clientAuth extended key usage, "
+            "which mutual TLS needs to present it to peers",
+            path="[tls] certificate",
+        )
 
 
 @hookimpl

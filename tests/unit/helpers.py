@@ -147,7 +147,7 @@ def make_context(
     holds the required tables plus C{tables}.
     """
     raw: Dict[str, Any] = {
-        "server": {"backend_domain": "a.example"},
+        "server": {"backend_domain": "a.example", "infra_domain": "fed.a.example"},
         "inward": {"listen": "tcp:8443"},
         "discovery": {"plugin": "static"},
         "authenticator": {"plugin": "mtls"},

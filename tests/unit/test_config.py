@@ -214,18 +214,18 @@ def test_plugin_tables_stay_options_for_their_plugin():
     config = parse(
         {
             "authorizers": [{"plugin": "allow-list", "domains": ["b.example"]}, {"plugin": "other"}],
-            "components": {"brig": {"plugin": "http-forward", "url": "http://x"}, "my.comp": {"plugin": "p"}},
-            "identity_providers": {"basic": {"plugin": "basic"}},
+            "components": {"brig": {"plugin": "http-forward", "url": "http://x"}},
+            "identity_providers": {"basic": {"plugin": "basic"}, "my.idp": {"plugin": "p"}},
         }
     )
     assert [a.plugin for a in config.authorizers] == ["allow-list", "other"]
     assert config.authorizers[0].path == "authorizers[0]"
     assert config.authorizers[0].get_str_list("domains") == ["b.example"]
     assert config.components["brig"].path == "components.brig"
-    assert config.components["my.comp"].path == 'components."my.comp"'
+    assert config.identity_providers["my.idp"].path == 'identity_providers."my.idp"'
     assert config.identity_providers["basic"].plugin == "basic"
-    with pytest.raises(ConfigError, match=r'\[components\."my\.comp"\] colour'):
-        config.components["my.comp"].get_str("colour")
+    with pytest.raises(ConfigError, match=r'\[identity_providers\."my\.idp"\] colour'):
+        config.identity_providers["my.idp"].get_str("colour")
 
 
 def test_a_plugin_key_needs_its_table_read_by_the_plugin():
@@ -311,3 +311,17 @@ def test_a_value_equal_to_its_default_is_still_checked(tmp_path):
         options.get_str("s", "")
     assert isinstance(options.get_number("f", 2), float)
     assert options.get_path("p", "rel") == str(tmp_path / "rel")
+
+
+def test_component_names_must_fit_the_route(tmp_path):
+    raw = {
+        "server": {"backend_domain": "b.example"},
+        "inward": {"listen": "tcp:0"},
+        "discovery": {"plugin": "static"},
+        "authenticator": {"plugin": "mtls"},
+        "components": {"brig.v2": {"plugin": "http-forward", "url": "http://127.0.0.1:1"}},
+    }
+    with pytest.raises(ConfigError, match=r'\[components\."brig\.v2"\]: component names are ASCII letters'):
+        parse_config(raw, file="b.toml", base_dir=str(tmp_path))
+    raw["components"] = {"brig": {"plugin": "http-forward", "url": "http://127.0.0.1:1"}}
+    assert parse_config(raw, file="b.toml", base_dir=str(tmp_path)).components["brig"].name == "brig"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory
@@ -218,3 +219,28 @@ def test_over_tls_a_certificate_for_another_backend_is_validation_error(authenti
     assert (answer.code, body["label"]) == (403, "validation-error")
     assert body["data"] == {"type": "federation", "domain": "b.example"}
     assert component.calls == []
+
+
+@pytest.mark.parametrize(
+    "names, usages, message",
+    [
+        (["fed.other.example"], None, "is for fed.other.example, not for [server] infra_domain fed.a.example"),
+        (["fed.a.example"], [ExtendedKeyUsageOID.SERVER_AUTH], "lacks the clientAuth extended key usage"),
+    ],
+)
+def test_our_own_certificate_must_fit_mutual_tls(dev_pki, names, usages, message):
+    kwargs = {} if usages is None else {"usages": usages}
+    cert, key = dev_pki.issue_files(names[0], **kwargs)
+    context = context_for({"certificate": cert, "private_key": key, "ca_certificates": [dev_pki.ca_path]})
+    with pytest.raises(ConfigError) as info:
+        make_mtls(context.config.authenticator, context)
+    assert "[tls] certificate" in str(info.value)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("origin", ["../etc", "a example", "a.example/x", "-a.example", "\u00e4.example"])
+def test_a_malformed_origin_domain_is_refused(dev_pki, authenticator, origin):
+    leaf = pki.issue(dev_pki.ca, ["fed.a.example"]).certificate
+    inbound = make_inbound(headers=[("Wire-Origin-Domain", origin)], tls=PeerCertificate(leaf, None))
+    error = labelled_failure(authenticator.authenticate(inbound), "validation-error")
+    assert "is not a domain name" in error.message

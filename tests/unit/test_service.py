@@ -118,6 +118,7 @@ def config_file(tmp_path: Any) -> Any:
             f"""
 [server]
 backend_domain = "b.example"
+infra_domain = "fed.b.example"
 [inward]
 listen = "tcp:0"
 [tls]

@@ -93,7 +93,6 @@ def test_load_good_material(dev_pki):
     assert len(material.chain) == 2
     assert certificate_names(material.leaf) == frozenset({SERVER})
     assert material.ca_certificates == (dev_pki.ca.certificate,)
-    assert [path for path, _ in material.stamp] == [cert, key, dev_pki.ca_path]
     assert isinstance(material.private_certificate(), twisted_ssl.PrivateCertificate)
     assert verifyObject(IOpenSSLClientConnectionCreator, material.client_options("fed.b.example"))
 
