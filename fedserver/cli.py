@@ -94,8 +94,7 @@ async def _run_federation_request(reactor: Any, args: argparse.Namespace, body: 
         destination=args.destination, method=args.method, path=args.path, headers=headers, body=body
     )
     try:
-        for authorizer in pipeline.authorizers:
-            await authorizer.authorize_outbound(args.destination, call)
+        await pipeline.authorize_outbound(args.destination, call)
         response = await pipeline.send(request)
     except FederationError as e:
         print(json.dumps(e.to_json(), indent=2))

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from twisted.web import resource, server
+from twisted.web import server
 
 from fedserver.errors import FederationError
 from fedserver.pipeline import Pipeline
 from fedserver.tls import peer_certificate
 from fedserver.values import InboundRequest
-from fedserver.web import NAME, body_of, refuse, request_id_from, require_post, serve
+from fedserver.web import NAME, RouteResource, require_post, serve
 
 
 def parse_route(request: server.Request, prefix: bytes, count: int) -> Tuple[str, ...]:
@@ -51,23 +51,17 @@ def headers_of(request: server.Request) -> Tuple[Tuple[str, str], ...]:
     )
 
 
-class InwardFederationResource(resource.Resource):
+class InwardFederationResource(RouteResource):
     """C{/federation/...} on the inward listener."""
 
-    isLeaf = True
+    pipeline: Pipeline
+    request_id_header = b"request-id"
 
-    def __init__(self, pipeline: Pipeline, *, max_body_bytes: int) -> None:
-        super().__init__()
-        self.pipeline = pipeline
-        self.max_body_bytes = max_body_bytes
+    def parse(self, request: server.Request) -> Tuple[str, ...]:
+        return parse_route(request, b"/federation/", 2)
 
-    def render(self, request: server.Request) -> int:
-        request_id = request_id_from(request, b"request-id")
-        try:
-            component, rpc = parse_route(request, b"/federation/", 2)
-            body = body_of(request, self.max_body_bytes)
-        except FederationError as e:
-            return refuse(request, e, request_id)
+    def dispatch(self, request: server.Request, names: Tuple[str, ...], body: bytes, request_id: str) -> int:
+        component, rpc = names
         inbound = InboundRequest(
             method="POST",
             path=request.path.decode("ascii"),

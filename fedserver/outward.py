@@ -9,34 +9,27 @@ C{federation-remote-error} (533) with the remote's error under C{inner}.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 from twisted.internet.defer import Deferred
-from twisted.web import resource, server
+from twisted.web import server
 
 from fedserver.config import is_domain_name
 from fedserver.errors import FederationError
 from fedserver.inward import headers_of
 from fedserver.pipeline import Pipeline, remote_error
 from fedserver.values import FederatedCall, Response
-from fedserver.web import NAME, body_of, refuse, request_id_from, require_post, serve
+from fedserver.web import NAME, RouteResource, require_post, serve
 
 
-class OutwardRPCResource(resource.Resource):
+class OutwardRPCResource(RouteResource):
     """C{/rpc/...} on the outward listener."""
 
-    isLeaf = True
+    pipeline: Pipeline
+    request_id_header = b"wire-origin-request-id"
 
-    def __init__(self, pipeline: Pipeline, *, max_body_bytes: int) -> None:
-        super().__init__()
-        self.pipeline = pipeline
-        self.max_body_bytes = max_body_bytes
-
-    def render(self, request: server.Request) -> int:
-        request_id = request_id_from(request, b"wire-origin-request-id")
-        try:
-            domain, component, rpc = self._parse(request)
-            body = body_of(request, self.max_body_bytes)
-        except FederationError as e:
-            return refuse(request, e, request_id)
+    def dispatch(self, request: server.Request, names: Tuple[str, ...], body: bytes, request_id: str) -> int:
+        domain, component, rpc = names
         call = FederatedCall(
             origin_domain=self.pipeline.backend_domain,
             target_domain=domain,
@@ -69,8 +62,7 @@ class OutwardRPCResource(resource.Resource):
             on_error=with_context,
         )
 
-    @staticmethod
-    def _parse(request: server.Request) -> tuple:
+    def parse(self, request: server.Request) -> Tuple[str, ...]:
         require_post(request)
         parts = request.path.split(b"/")
         # ["", "rpc", domain, component, rpc]

@@ -75,8 +75,7 @@ class Pipeline:
     async def _call_remote(self, call: FederatedCall) -> Response:
         check_json(call.body, "the request body")
         domain = call.target_domain
-        for authorizer in self.authorizers:
-            await authorizer.authorize_outbound(domain, call)
+        await self.authorize_outbound(domain, call)
         headers = [("Content-Type", "application/json"), ("Request-Id", call.request_id)]
         headers += [(n, v) for n in PASSED_THROUGH if (v := call.header(n)) is not None]
         request = OutboundRequest(
@@ -163,6 +162,11 @@ class Pipeline:
         if not peer.domain_proven:
             await self.validate_origin(peer)
         return peer
+
+    async def authorize_outbound(self, domain: str, call: FederatedCall) -> None:
+        """Every authorizer must allow sending C{call} to C{domain}."""
+        for authorizer in self.authorizers:
+            await authorizer.authorize_outbound(domain, call)
 
     async def authorize_inbound(self, peer: Peer, call: FederatedCall) -> None:
         """Every authorizer must allow C{call} from C{peer}."""

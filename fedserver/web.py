@@ -7,11 +7,12 @@ traceback to the other side.
 
 from __future__ import annotations
 
+import abc
 import io
 import re
 import time
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
@@ -258,6 +259,41 @@ def _log_outcome(
         request_id=request_id,
         detail=f": {message}" if message else "",
     )
+
+
+class RouteResource(resource.Resource, metaclass=abc.ABCMeta):
+    """
+    A federation route: C{parse} checks the request's shape, then the body is
+    read within the limit, then C{dispatch} answers; a refusal at either of
+    the first two steps is answered and logged here.
+
+    @cvar request_id_header: where the caller's request id comes from.
+    """
+
+    isLeaf = True
+    request_id_header: bytes = b"request-id"
+
+    def __init__(self, pipeline: Any, *, max_body_bytes: int) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+        self.max_body_bytes = max_body_bytes
+
+    def render(self, request: server.Request) -> int:
+        request_id = request_id_from(request, self.request_id_header)
+        try:
+            names = self.parse(request)
+            body = body_of(request, self.max_body_bytes)
+        except FederationError as e:
+            return refuse(request, e, request_id)
+        return self.dispatch(request, names, body, request_id)
+
+    @abc.abstractmethod
+    def parse(self, request: server.Request) -> Tuple[str, ...]:
+        """The names in the path; raise C{invalid-endpoint} for a bad request."""
+
+    @abc.abstractmethod
+    def dispatch(self, request: server.Request, names: Tuple[str, ...], body: bytes, request_id: str) -> int:
+        """Answer the request (usually through L{serve})."""
 
 
 class ErrorResource(resource.Resource):
