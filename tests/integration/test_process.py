@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -152,21 +155,35 @@ def test_federation_request_command(tmp_path: Any) -> None:
         component.close()
 
 
-def test_shipped_example_runs(tmp_path: Any) -> None:
+def test_shipped_example_runs_and_stops_everything_on_sigterm(tmp_path: Any) -> None:
     example = shutil.copytree(os.path.join(ROOT, "etc", "example"), tmp_path / "example",
                               ignore=shutil.ignore_patterns("var"))
     env = dict(os.environ, PATH=os.path.dirname(tool("twistd")) + os.pathsep + os.environ["PATH"])
-    process = subprocess.Popen([tool("python"), os.path.join(example, "run.py"), "--once"],
+    process = subprocess.Popen([tool("python"), os.path.join(example, "run.py")],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     try:
-        output, _ = process.communicate(timeout=120)
+        deadline = time.monotonic() + 120
+        while not any("Press Ctrl-C" in line for line in lines):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
     finally:
         stop(process)
+    reader.join(timeout=10)
+    output = "".join(lines)
     assert process.returncode == 0, output
     assert "a.example asks b.example for @bob: HTTP 200" in output
     assert '"qualified_id": "bob@b.example"' in output
     assert "b.example asks a.example for @alice: HTTP 200" in output
     assert "HTTP 533" in output and "federation-denied" in output
+    # every process the example started is gone with it
+    for port in (18443, 18080, 18081, 28443, 28080, 28081):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
     for name in ("a.example", "b.example"):
         check = subprocess.run([tool("fedserver"), "check-config", os.path.join(example, f"{name}.toml")],
                                capture_output=True, text=True, timeout=60)
