@@ -272,6 +272,8 @@ class Config:
     server: ServerSection
     inward_listen: str
     outward_listen: Optional[str]
+    #: CIDRs that DNS-based discovery may connect to although not public
+    allow_ip_ranges: Sequence[str]
     tls: TLSSection
     limits: Limits
     storage_database: str
@@ -342,8 +344,10 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
     inward.check_all_used()
     outward = top.get_table("outward", None)
     outward_listen = None
+    allow_ip_ranges: List[str] = []
     if outward is not None:
-        outward_listen = outward.get_str("listen")
+        outward_listen = outward.get_str("listen", None)
+        allow_ip_ranges = outward.get_str_list("allow_ip_ranges", [])
         outward.check_all_used()
 
     tls = top.get_table("tls", None)
@@ -416,6 +420,7 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
         server=ServerSection(backend, infra, data_dir),
         inward_listen=inward_listen,
         outward_listen=outward_listen,
+        allow_ip_ranges=tuple(allow_ip_ranges),
         tls=tls_section,
         limits=limits,
         storage_database=database,

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import attrs
 
+from fedserver.addresses import AddressPolicy, parse_networks
 from fedserver.config import Config
 from fedserver.errors import ConfigError
 from fedserver.tls import TLSMaterial
@@ -42,6 +43,7 @@ class Context:
     client: Any = None
     pipeline: Any = None
     _tls: Optional[TLSMaterial] = None
+    _address_policy: Optional[AddressPolicy] = None
 
     @property
     def backend_domain(self) -> str:
@@ -52,6 +54,14 @@ class Context:
     def infra_domain(self) -> str:
         """Our infrastructure domain."""
         return self.config.server.infra_domain
+
+    @property
+    def address_policy(self) -> AddressPolicy:
+        """Which resolved addresses DNS-based discovery may hand on."""
+        if self._address_policy is None:
+            networks = parse_networks(self.config.allow_ip_ranges, "[outward] allow_ip_ranges")
+            self._address_policy = AddressPolicy(networks)
+        return self._address_policy
 
     def tls_material(self, needed_by: str) -> TLSMaterial:
         """

@@ -206,6 +206,7 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
         web_client.Agent(reactor, pool=local_pool, connectTimeout=limits.connect_timeout)
     )
     context = Context(reactor=reactor, config=config, storage=store, http=http)
+    context.address_policy  # noqa: B018 - a bad [outward] allow_ip_ranges is reported now
 
     context.discovery = registry.build("discovery", config.discovery, context)
     context.authenticator = registry.build("authenticator", config.authenticator, context)

@@ -1,0 +1,116 @@
+"""
+A cache for discovery answers, shared by the DNS-based discovery plugins.
+
+ - A positive answer is kept for its TTL, bounded by C{min_ttl} and
+   C{max_ttl}.
+ - A negative answer (C{invalid-domain}: the domain has no federation
+   record) is kept for C{negative_ttl}.
+ - When a lookup fails (timeout, SERVFAIL), the last positive answer is
+   served, stale, for up to C{stale_ttl} after it expired, and the fact is
+   logged: a known peer stays reachable while DNS is down.
+ - Concurrent lookups of one name are merged into one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Generic, List, Optional, Tuple, TypeVar
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from fedserver.errors import DiscoveryFailure
+
+log = Logger(namespace="fedserver.discovery")
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class CacheSettings:
+    min_ttl: float = 60.0
+    max_ttl: float = 86400.0
+    negative_ttl: float = 60.0
+    stale_ttl: float = 86400.0
+
+
+@attrs.define
+class _Entry(Generic[T]):
+    value: Optional[T]
+    error: Optional[DiscoveryFailure]
+    expires: float
+    # the last good value, kept for serving stale
+    good: Optional[T] = None
+    good_until: float = 0.0
+
+
+class DiscoveryCache(Generic[T]):
+    """
+    @param fetch: looks a name up: fires with C{(value, ttl)}, or fails with
+        a L{DiscoveryFailure} whose label is C{invalid-domain} (a negative
+        answer, cached) or anything else (a failed lookup, not cached).
+    """
+
+    def __init__(self, clock: Any, fetch: Callable[[str], Deferred[Tuple[T, float]]],
+                 settings: CacheSettings = CacheSettings()) -> None:
+        self._clock = clock
+        self._fetch = fetch
+        self.settings = settings
+        self._entries: Dict[str, _Entry[T]] = {}
+        self._pending: Dict[str, List[Deferred[T]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, name: str) -> Deferred[T]:
+        """The value for C{name}, from the cache or a lookup."""
+        now = self._clock.seconds()
+        entry = self._entries.get(name)
+        if entry is not None and entry.expires > now:
+            self.hits += 1
+            if entry.error is not None:
+                return defer.fail(entry.error)
+            return defer.succeed(entry.value)  # type: ignore[arg-type]
+        self.misses += 1
+        waiting: Deferred[T] = Deferred()
+        if name in self._pending:
+            self._pending[name].append(waiting)
+            return waiting
+        self._pending[name] = [waiting]
+        d = defer.maybeDeferred(self._fetch, name)
+        d.addCallbacks(self._fetched, self._failed, callbackArgs=(name,), errbackArgs=(name,))
+        return waiting
+
+    def _settle(self, name: str, outcome: Any) -> None:
+        for d in self._pending.pop(name, []):
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+
+    def _fetched(self, result: Tuple[T, float], name: str) -> None:
+        value, ttl = result
+        s = self.settings
+        now = self._clock.seconds()
+        expires = now + min(max(ttl, s.min_ttl), s.max_ttl)
+        self._entries[name] = _Entry(value, None, expires, value, expires + s.stale_ttl)
+        self._settle(name, value)
+
+    def _failed(self, failure: Failure, name: str) -> None:
+        now = self._clock.seconds()
+        previous = self._entries.get(name)
+        error = failure.value
+        if isinstance(error, DiscoveryFailure) and error.label == "invalid-domain":
+            self._entries[name] = _Entry(None, error, now + self.settings.negative_ttl)
+            self._settle(name, failure)
+            return
+        if previous is not None and previous.good is not None and previous.good_until > now:
+            log.warn(
+                "discovery of {name} failed ({error}); using the answer that expired {ago:.0f} s ago",
+                name=name, error=getattr(error, "message", str(error)),
+                ago=now - (previous.good_until - self.settings.stale_ttl),
+            )
+            self._settle(name, previous.good)
+            return
+        self._settle(name, failure)
