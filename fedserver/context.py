@@ -11,7 +11,7 @@ import attrs
 from fedserver.addresses import AddressPolicy, parse_networks
 from fedserver.config import Config
 from fedserver.errors import ConfigError
-from fedserver.tls import TLSMaterial
+from fedserver.tls import TLSFiles, TLSMaterial
 
 
 @attrs.define(eq=False)
@@ -42,7 +42,7 @@ class Context:
     components: Dict[str, Any] = attrs.Factory(dict)
     client: Any = None
     pipeline: Any = None
-    _tls: Optional[TLSMaterial] = None
+    _tls: Optional[TLSFiles] = None
     _address_policy: Optional[AddressPolicy] = None
 
     @property
@@ -65,10 +65,21 @@ class Context:
 
     def tls_material(self, needed_by: str) -> TLSMaterial:
         """
-        Our certificate, key and CA certificates from C{[tls]}, loaded once.
+        Our certificate, key and CA certificates from C{[tls]} as they are
+        now (see L{tls_files} for a plugin that follows changes).
 
         @param needed_by: who needs them, for the message when C{[tls]} is
             incomplete.
+        """
+        return self.tls_files(needed_by).material()
+
+    def tls_files(self, needed_by: str, check: Any = None) -> TLSFiles:
+        """
+        The C{[tls]} files, loaded once and reloaded when they change.
+
+        @param check: called with the material at load and at every reload;
+            raises L{ConfigError} to refuse it (at startup, startup fails; on
+            a reload, the current material stays).
         """
         if self._tls is None:
             tls = self.config.tls
@@ -79,7 +90,8 @@ class Context:
                     path="[tls]",
                 )
             try:
-                self._tls = TLSMaterial.load(tls.certificate, tls.private_key or "", tls.ca_certificates)
+                self._tls = TLSFiles.load(tls.certificate, tls.private_key or "", tls.ca_certificates,
+                                          self.reactor, check=check)
             except ConfigError as e:
                 raise ConfigError(e.reason, file=self.config.file, path=e.path) from None
         return self._tls

@@ -13,6 +13,7 @@ TLS alert, and no request is ever handled before it has been authenticated.
 from __future__ import annotations
 
 import hashlib
+import os
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -24,9 +25,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl as twisted_ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from fedserver.errors import ConfigError
+
+_log = Logger(namespace="fedserver.tls")
 
 # OpenSSL's X509_V_ERR_* codes that operators meet in practice.
 _VERIFY_ERRORS: Dict[int, str] = {
@@ -280,3 +284,72 @@ def peer_certificate(transport: object) -> Optional[PeerCertificate]:
         )
     _peers[connection] = result
     return result
+
+
+class TLSFiles:
+    """
+    The C{[tls]} files, reloaded when they change: operators rotate
+    certificates without restarting.
+
+    L{material} looks at the files at most every C{interval} seconds (size,
+    modification time and inode of each).  When they changed, it loads them;
+    if the new set is unusable (half-written, a key that does not match, or
+    refused by C{check}), it keeps serving the current material and logs the
+    problem once for that version of the files.
+    """
+
+    def __init__(self, paths: Sequence[str], material: TLSMaterial, clock: Any, *,
+                 interval: float = 1.0, check: Any = None) -> None:
+        self.paths = list(paths)
+        self.current = material
+        self._clock = clock
+        self._interval = interval
+        self._check = check
+        self._stamp = self._stat()
+        self._refused_stamp: Any = None
+        self._next_check = clock.seconds() + interval
+
+    @classmethod
+    def load(cls, certificate: str, private_key: str, ca_certificates: Sequence[str], clock: Any,
+             **kwargs: Any) -> TLSFiles:
+        """Load the files now (a L{ConfigError} names the bad one) and watch them."""
+        material = TLSMaterial.load(certificate, private_key, ca_certificates)
+        if kwargs.get("check") is not None:
+            kwargs["check"](material)
+        return cls([certificate, private_key, *ca_certificates], material, clock, **kwargs)
+
+    def _stat(self) -> Tuple[Any, ...]:
+        stamp: List[Any] = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamp.append(None)
+            else:
+                stamp.append((st.st_size, st.st_mtime_ns, st.st_ino))
+        return tuple(stamp)
+
+    def material(self) -> TLSMaterial:
+        """The current material, reloaded first if the files changed."""
+        now = self._clock.seconds()
+        if now < self._next_check:
+            return self.current
+        self._next_check = now + self._interval
+        stamp = self._stat()
+        if stamp == self._stamp or stamp == self._refused_stamp:
+            return self.current
+        certificate, private_key, *cas = self.paths
+        try:
+            material = TLSMaterial.load(certificate, private_key, cas)
+            if self._check is not None:
+                self._check(material)
+        except ConfigError as e:
+            self._refused_stamp = stamp
+            _log.error("the changed [tls] files are not usable, keeping the current ones: {error}", error=e)
+            return self.current
+        self.current = material
+        self._stamp = stamp
+        self._refused_stamp = None
+        _log.info("reloaded the [tls] files: our certificate is now {subject}, serial {serial}",
+                  subject=material.leaf.subject.rfc4514_string(), serial=material.leaf.serial_number)
+        return material

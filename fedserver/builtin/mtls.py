@@ -16,7 +16,7 @@ both directions.  The table takes no options:
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -30,6 +30,7 @@ from fedserver.interfaces import IAuthenticator
 from fedserver.tls import (
     ClientCertificateServerOptions,
     PeerCertificate,
+    TLSFiles,
     TLSMaterial,
     certificate_names,
     has_client_auth_usage,
@@ -41,16 +42,34 @@ ORIGIN_HEADER = "Wire-Origin-Domain"
 
 @implementer(IAuthenticator)
 class MutualTLSAuthenticator:
-    def __init__(self, material: TLSMaterial, backend_domain: str) -> None:
-        self.material = material
+    """
+    @param material: our TLS material.
+    @param files: when given, the files it came from: the authenticator
+        follows their changes (new connections use the new material).
+    """
+
+    def __init__(self, material: TLSMaterial, backend_domain: str, *, files: Optional[TLSFiles] = None) -> None:
         self.backend_domain = backend_domain
+        self._files = files
+        self._use(material)
+
+    def _use(self, material: TLSMaterial) -> None:
+        self.material = material
         self._server_options = ClientCertificateServerOptions(material)
         self._client_options: Dict[str, Any] = {}
 
+    def _refresh(self) -> None:
+        if self._files is not None:
+            material = self._files.material()
+            if material is not self.material:
+                self._use(material)
+
     def server_tls_options(self) -> ClientCertificateServerOptions:
+        self._refresh()
         return self._server_options
 
     def client_tls_options(self, target: Target) -> Any:
+        self._refresh()
         options = self._client_options.get(target.infra_domain)
         if options is None:
             options = self.material.client_options(target.infra_domain)
@@ -112,9 +131,10 @@ def _subject(tls: PeerCertificate) -> str:
 
 
 def make_mtls(options: Options, context: Context) -> MutualTLSAuthenticator:
-    material = context.tls_material("the mtls authenticator")
-    check_own_certificate(material, context.infra_domain)
-    return MutualTLSAuthenticator(material, context.backend_domain)
+    files = context.tls_files(
+        "the mtls authenticator", check=lambda material: check_own_certificate(material, context.infra_domain)
+    )
+    return MutualTLSAuthenticator(files.current, context.backend_domain, files=files)
 
 
 def check_own_certificate(material: TLSMaterial, infra_domain: str) -> None:

@@ -86,10 +86,10 @@ def test_check_config_names_the_bad_key(good_config, capsys, extra, expected):
 
 
 def test_check_config_lists_installed_plugins_for_an_unknown_name(good_config, capsys):
-    path = good_config(**{'plugin = "static"': 'plugin = "wire-srv"'})
+    path = good_config(**{'plugin = "static"': 'plugin = "carrier-pigeon"'})
     assert main(["check-config", path]) == 1
     err = capsys.readouterr().err
-    assert "[discovery] plugin: no installed discovery plugin is called 'wire-srv'" in err
+    assert "[discovery] plugin: no installed discovery plugin is called 'carrier-pigeon'" in err
     assert "static (from fedserver " in err
 
 

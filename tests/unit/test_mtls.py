@@ -7,6 +7,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from fedserver import pki
@@ -53,7 +54,7 @@ def presented(cert, verify_error=None, headers=(ORIGIN,)):
 
 
 def context_for(tls_table):
-    return make_context(tables={} if tls_table is None else {"tls": tls_table})
+    return make_context(tables={} if tls_table is None else {"tls": tls_table}, reactor=Clock())
 
 
 # the plugin

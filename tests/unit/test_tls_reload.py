@@ -1,0 +1,111 @@
+"""
+L{fedserver.tls.TLSFiles} and the mtls authenticator following certificate
+rotation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from types import SimpleNamespace
+from typing import Any, List
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from fedserver import pki
+from fedserver.builtin.mtls import MutualTLSAuthenticator, check_own_certificate
+from fedserver.errors import ConfigError
+from fedserver.tls import TLSFiles
+from tests.unit.helpers import target
+
+
+def _replace(src: str, dst: str) -> None:
+    # as an operator's tooling should: write aside, then rename over
+    shutil.copyfile(src, dst + ".new")
+    os.replace(dst + ".new", dst)
+
+
+@pytest.fixture
+def rotation(dev_pki: Any) -> Any:
+    cert, key = dev_pki.issue_files("fed.b.example")
+    clock = Clock()
+    files = TLSFiles.load(cert, key, [dev_pki.ca_path], clock)
+
+    return SimpleNamespace(pki=dev_pki, cert=cert, key=key, clock=clock, files=files)
+
+
+def _rotate(r: Any, name: str = "fed.b.example", **kwargs: Any) -> None:
+    directory = os.path.join(r.pki.directory, "next")
+    os.makedirs(directory, exist_ok=True)
+    issued = pki.issue(r.pki.ca, [name], **kwargs)
+    cert, key = pki.write_issued(directory, "next", issued, chain=[r.pki.ca])
+    _replace(cert, r.cert)
+    _replace(key, r.key)
+
+
+def test_unchanged_files_keep_the_material(rotation: Any) -> None:
+    first = rotation.files.material()
+    rotation.clock.advance(5)
+    assert rotation.files.material() is first
+
+
+def test_changed_files_are_loaded_after_the_interval(rotation: Any) -> None:
+    first = rotation.files.material()
+    _rotate(rotation)
+    assert rotation.files.material() is first  # checked at most every second
+    rotation.clock.advance(1)
+    second = rotation.files.material()
+    assert second is not first
+    assert second.leaf.serial_number != first.leaf.serial_number
+
+
+def test_a_half_written_rotation_keeps_the_current_material_and_logs_once(rotation: Any) -> None:
+    first = rotation.files.material()
+    with open(rotation.key, "w") as f:
+        f.write("-----BEGIN PRIVATE KEY-----\ntrunc")
+    events: List[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(3):
+            rotation.clock.advance(1)
+            assert rotation.files.material() is first
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    errors = [e for e in events if "not usable" in e.get("log_format", "")]
+    assert len(errors) == 1
+    # the operator finishes the rotation: it is taken
+    _rotate(rotation)
+    rotation.clock.advance(1)
+    assert rotation.files.material() is not first
+
+
+def test_a_rotation_refused_by_the_check_keeps_the_current_material(dev_pki: Any) -> None:
+    cert, key = dev_pki.issue_files("fed.b.example")
+    clock = Clock()
+    files = TLSFiles.load(cert, key, [dev_pki.ca_path], clock,
+                          check=lambda m: check_own_certificate(m, "fed.b.example"))
+    first = files.material()
+    _rotate(SimpleNamespace(pki=dev_pki, cert=cert, key=key), name="fed.wrong.example")
+    clock.advance(1)
+    assert files.material() is first
+
+
+def test_a_check_refusing_at_startup_is_a_config_error(dev_pki: Any) -> None:
+    cert, key = dev_pki.issue_files("fed.wrong.example")
+    with pytest.raises(ConfigError, match=r"not for \[server\] infra_domain fed\.b\.example"):
+        TLSFiles.load(cert, key, [dev_pki.ca_path], Clock(),
+                      check=lambda m: check_own_certificate(m, "fed.b.example"))
+
+
+def test_mtls_authenticator_uses_rotated_certificates_for_new_connections(rotation: Any) -> None:
+    authenticator = MutualTLSAuthenticator(rotation.files.current, "b.example", files=rotation.files)
+    server_before = authenticator.server_tls_options()
+    client_before = authenticator.client_tls_options(target("fed.a.example"))
+    assert authenticator.server_tls_options() is server_before
+    _rotate(rotation)
+    rotation.clock.advance(1)
+    assert authenticator.server_tls_options() is not server_before
+    assert authenticator.client_tls_options(target("fed.a.example")) is not client_before
+    assert authenticator.material is rotation.files.current
