@@ -4,6 +4,7 @@ The C{fedserver} command: operator tools over the library.
     fedserver check-config FILE
     fedserver plugins
     fedserver federation-request --config FILE [--method M] [--body JSON] DESTINATION PATH
+    fedserver discover [--config FILE] [--json] DOMAIN
     fedserver dev-pki DIR --domain NAME [--domain NAME ...]
 """
 
@@ -124,6 +125,51 @@ def _send_federation_request(reactor: Any, args: argparse.Namespace, body: bytes
     return d
 
 
+def _discover(args: argparse.Namespace) -> int:
+    from twisted.internet import task
+
+    task.react(_run_discover, (args,))
+    return 1  # pragma: no cover - react() exits
+
+
+def _run_discover(reactor: Any, args: argparse.Namespace) -> Any:
+    from twisted.internet.defer import Deferred
+
+    d = Deferred.fromCoroutine(_check_domain(reactor, args))
+
+    def exit_with(code: int) -> None:
+        raise SystemExit(code)
+
+    return d.addCallback(exit_with)
+
+
+async def _check_domain(reactor: Any, args: argparse.Namespace) -> int:
+    from fedserver.checker import check, format_report
+
+    material = None
+    if args.config:
+        from fedserver.service import build_service
+
+        try:
+            service = build_service(args.config, reactor=reactor, migrate=False, listen=False)
+        except ConfigError as e:
+            print(f"fedserver: {e}", file=sys.stderr)
+            return 2
+        discovery = service.context.discovery
+        if service.context.config.tls.certificate:
+            material = service.context.tls_material("fedserver discover")
+    else:
+        from fedserver_wire.discovery import SRVDiscovery
+
+        from fedserver.addresses import AddressPolicy
+        from fedserver.dns import DNSLookup
+
+        discovery = SRVDiscovery(DNSLookup(reactor, timeout=args.timeout), AddressPolicy(), reactor)
+    report = await check(reactor, discovery, args.domain.lower(), material, timeout=args.timeout)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return 0 if report.reachable else 1
+
+
 def _dev_pki(args: argparse.Namespace) -> int:
     from fedserver.pki import create_dev_pki
 
@@ -155,6 +201,17 @@ def make_parser() -> argparse.ArgumentParser:
     request.add_argument("destination", metavar="DESTINATION", help="backend domain")
     request.add_argument("path", metavar="PATH", help="e.g. /federation/brig/get-user-by-handle")
     request.set_defaults(run=_federation_request)
+
+    discover = commands.add_parser(
+        "discover", help="check whether this backend can federate with a domain, and why not"
+    )
+    discover.add_argument("--config", metavar="FILE",
+                          help="use this backend's discovery, address policy and certificate "
+                          "(default: Wire SRV discovery with the system resolver, no client certificate)")
+    discover.add_argument("--json", action="store_true", help="print the report as JSON")
+    discover.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    discover.add_argument("domain", metavar="DOMAIN", help="a backend domain")
+    discover.set_defaults(run=_discover)
 
     pki = commands.add_parser("dev-pki", help="make a development CA and certificates")
     pki.add_argument("directory", metavar="DIR")

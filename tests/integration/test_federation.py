@@ -371,3 +371,42 @@ def test_resumed_tls_session_is_verified_again(federation: Dict[str, Any]) -> No
                     assert not tls.session_reused
         status, answer = _status_and_json(received)
         assert (status, answer["label"]) == (403, "authentication-failure"), (attempt, answer)
+
+
+def _discover(federation: Dict[str, Any], domain: str) -> tuple:
+    import subprocess
+
+    from tests.integration.harness import tool
+
+    result = subprocess.run(
+        [tool("fedserver"), "discover", "--config", federation["a"].config_path, "--json", "--timeout", "5", domain],
+        capture_output=True, text=True, timeout=60,
+    )
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_discover_gives_a_verdict_for_a_reachable_domain(federation: Dict[str, Any]) -> None:
+    code, report = _discover(federation, "b.example")
+    assert code == 0, report
+    assert report["reachable"] is True
+    (target,) = report["targets"]
+    handshake = target["handshake"]
+    assert handshake["ok"] and handshake["protocol"] in ("TLSv1.2", "TLSv1.3")
+    assert handshake["names"] == ["fed.b.example"] and handshake["name_matches"]
+    assert handshake["verify_error"] is None
+    assert handshake["chain"][-1] == "CN=test CA"
+
+
+@pytest.mark.parametrize(
+    "domain, reason",
+    [
+        ("closed.example", "connection refused"),
+        ("mismatch.example", "does not name the infrastructure domain"),
+        ("nowhere.example", "not federating"),
+    ],
+)
+def test_discover_explains_an_unreachable_domain(federation: Dict[str, Any], domain: str, reason: str) -> None:
+    code, report = _discover(federation, domain)
+    assert code == 1
+    assert report["reachable"] is False
+    assert reason in report["verdict"]

@@ -1,0 +1,272 @@
+"""
+The federation checker behind C{fedserver discover}: can this backend
+federate with a domain, and if not, why?
+
+For each target discovery finds, it connects and completes a TLS handshake
+presenting our client certificate, as a federated call would.  It records
+the chain verification outcome instead of aborting, and checks the remote
+certificate's names against the target's infrastructure domain itself, so
+the report always shows what the remote presented: protocol, names, expiry,
+chain.  The verdict is positive when at least one target is reachable with
+a certificate that verifies and names its infrastructure domain.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import attrs
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
+from service_identity.pyopenssl import verify_hostname
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from fedserver.errors import FederationError
+from fedserver.tls import TLSMaterial, certificate_names, verify_error_text
+from fedserver.values import Target
+
+
+@attrs.frozen
+class HandshakeReport:
+    """What one TLS handshake with a target showed."""
+
+    connected: bool
+    protocol: Optional[str] = None
+    names: List[str] = attrs.Factory(list)
+    subject: Optional[str] = None
+    not_after: Optional[str] = None
+    chain: List[str] = attrs.Factory(list)
+    verify_error: Optional[str] = None
+    name_matches: bool = False
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.connected and self.verify_error is None and self.name_matches and self.error is None
+
+
+@attrs.frozen
+class TargetReport:
+    target: Target
+    handshake: HandshakeReport
+
+
+@attrs.frozen
+class Report:
+    """The checker's findings about one domain."""
+
+    domain: str
+    records: List[Dict[str, Any]]
+    targets: List[TargetReport]
+    discovery_error: Optional[Dict[str, Any]] = None
+
+    @property
+    def reachable(self) -> bool:
+        return any(t.handshake.ok for t in self.targets)
+
+    @property
+    def verdict(self) -> str:
+        if self.discovery_error is not None:
+            return f"not federating: {self.discovery_error['message']}"
+        good = [t for t in self.targets if t.handshake.ok]
+        if good:
+            first = good[0].target
+            return f"reachable: {first.infra_domain} at {first.host}:{first.port}"
+        reasons = "; ".join(f"{t.target.host}:{t.target.port}: {_problem(t.handshake)}" for t in self.targets)
+        return f"not reachable: {reasons or 'no target'}"
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "reachable": self.reachable,
+            "verdict": self.verdict,
+            "discovery_error": self.discovery_error,
+            "records": self.records,
+            "targets": [
+                {**attrs.asdict(t.target), "handshake": {**attrs.asdict(t.handshake), "ok": t.handshake.ok}}
+                for t in self.targets
+            ],
+        }
+
+
+def _problem(h: HandshakeReport) -> str:
+    if h.error:
+        return h.error
+    if h.verify_error:
+        return f"the certificate does not verify: {h.verify_error}"
+    if not h.name_matches:
+        return "the certificate does not name the infrastructure domain"
+    return "?"
+
+
+@implementer(IHandshakeListener)
+class _Handshake(Protocol):
+    def __init__(self, done: Deferred[None]) -> None:
+        self.done = done
+
+    def handshakeCompleted(self) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        if not self.done.called:
+            self.done.errback(reason)
+
+
+class _CheckingClientTLS:
+    """
+    Client TLS that presents our certificate, records the chain verification
+    outcome and accepts the handshake either way (the checker judges).
+    """
+
+    def __init__(self, material: Optional[TLSMaterial]) -> None:
+        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        if material is not None:
+            ctx.use_certificate(material.chain[0])
+            for extra in material.chain[1:]:
+                ctx.add_extra_chain_cert(extra)
+            ctx.use_privatekey(material.private_key)
+            store = ctx.get_cert_store()
+            assert store is not None
+            for ca in material.ca_certificates:
+                store.add_cert(crypto.X509.from_cryptography(ca))
+        else:
+            ctx.set_default_verify_paths()
+        ctx.set_verify(SSL.VERIFY_PEER, self._verify)
+        self._context = ctx
+        self.errors: Dict[SSL.Connection, int] = {}
+
+    def _verify(self, connection: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int) -> bool:
+        if not ok and connection not in self.errors:
+            self.errors[connection] = errnum
+        return True
+
+    def connection_for(self, hostname: str) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_tlsext_host_name(hostname.encode("idna"))
+        connection.set_connect_state()
+        return connection
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Creator:
+    def __init__(self, tls: _CheckingClientTLS, hostname: str) -> None:
+        self.tls = tls
+        self.hostname = hostname
+        self.connection: Optional[SSL.Connection] = None
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        self.connection = self.tls.connection_for(self.hostname)
+        return self.connection
+
+
+async def handshake(reactor: Any, target: Target, tls: _CheckingClientTLS, timeout: float) -> HandshakeReport:
+    """Connect to C{target}, complete a TLS handshake, and describe it."""
+    creator = _Creator(tls, target.infra_domain)
+    done: Deferred[None] = Deferred()
+    factory = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: _Handshake(done)), clock=reactor)
+    endpoint = HostnameEndpoint(reactor, target.host, target.port, timeout=timeout)
+    try:
+        connecting = endpoint.connect(factory)
+        connecting.addTimeout(timeout, reactor)
+        await connecting
+        done.addTimeout(timeout, reactor)
+        await done
+    except Exception as e:  # every way a connection can fail is a finding
+        return HandshakeReport(connected=False, error=_describe_failure(e))
+    connection = creator.connection
+    assert connection is not None
+    leaf = connection.get_peer_certificate(as_cryptography=True)
+    chain = connection.get_peer_cert_chain(as_cryptography=True) or []
+    try:
+        verify_hostname(connection, target.infra_domain)
+        matches = True
+    except VerificationError:
+        matches = False
+    errnum = tls.errors.get(connection)
+    return HandshakeReport(
+        connected=True,
+        protocol=connection.get_protocol_version_name(),
+        names=sorted(certificate_names(leaf)) if leaf is not None else [],
+        subject=leaf.subject.rfc4514_string() if leaf is not None else None,
+        not_after=leaf.not_valid_after_utc.isoformat() if leaf is not None else None,
+        chain=[c.subject.rfc4514_string() for c in chain],
+        verify_error=None if errnum is None else verify_error_text(errnum),
+        name_matches=matches,
+    )
+
+
+def _describe_failure(e: BaseException) -> str:
+    if isinstance(e, SSL.Error):
+        return f"TLS failed: {e}"
+    if isinstance(e, (defer.TimeoutError, error.TimeoutError, defer.CancelledError)):
+        return "no answer in time"
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    return str(e) or type(e).__name__
+
+
+async def check(reactor: Any, discovery: Any, domain: str, material: Optional[TLSMaterial], *,
+                timeout: float = 10.0) -> Report:
+    """Discover C{domain} and try a TLS handshake with every target."""
+    records: List[Dict[str, Any]] = []
+    explain = getattr(discovery, "explain", None)
+    try:
+        if explain is not None:
+            answer = await explain(domain)
+            records = [
+                {**attrs.asdict(r.record), "allowed": list(r.allowed), "refused": list(r.refused),
+                 "problem": r.problem}
+                for r in answer.records
+            ]
+            targets = discovery.targets(answer)
+        else:
+            targets = await discovery.discover(domain)
+    except FederationError as e:
+        return Report(domain, records, [], e.to_json())
+    tls = _CheckingClientTLS(material)
+    reports = []
+    for target in targets:
+        reports.append(TargetReport(target, await handshake(reactor, target, tls, timeout)))
+    return Report(domain, records, reports)
+
+
+def format_report(report: Report) -> str:
+    """The report for a person."""
+    lines = [f"federation check of {report.domain}"]
+    if report.records:
+        lines.append("SRV records:")
+        for r in report.records:
+            lines.append(
+                f"  priority {r['priority']} weight {r['weight']} port {r['port']} target {r['target']} "
+                f"ttl {r['ttl']}"
+            )
+            for address in r["allowed"]:
+                lines.append(f"    {address}: allowed")
+            for address in r["refused"]:
+                lines.append(f"    {address}: refused by the address policy ([outward] allow_ip_ranges)")
+            if r["problem"] and not r["allowed"] and not r["refused"]:
+                lines.append(f"    {r['problem']}")
+    for t in report.targets:
+        h = t.handshake
+        lines.append(f"target {t.target.infra_domain} at {t.target.host}:{t.target.port}:")
+        if not h.connected:
+            lines.append(f"  {h.error}")
+            continue
+        lines.append(f"  TLS {h.protocol}; certificate {h.subject}, for {', '.join(h.names) or 'no name'}")
+        lines.append(f"  expires {h.not_after}; chain: {' <- '.join(h.chain)}")
+        lines.append(f"  chain verifies: {'yes' if h.verify_error is None else 'no, ' + h.verify_error}")
+        lines.append(f"  names {t.target.infra_domain}: {'yes' if h.name_matches else 'no'}")
+    lines.append(f"verdict: {report.verdict}")
+    return "\n".join(lines)
+
+
