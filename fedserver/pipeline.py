@@ -36,6 +36,8 @@ def check_json(body: bytes, what: str) -> None:
         json.loads(body)
     except ValueError as e:
         raise FederationError(f"{what} is not valid JSON: {e}", "invalid-json") from None
+    except RecursionError:
+        raise FederationError(f"{what} is JSON nested too deeply", "invalid-json") from None
 
 
 class Pipeline:
@@ -197,17 +199,12 @@ class Pipeline:
         )
 
 
-def error_response(error: FederationError) -> Response:
-    """The JSON answer for a labelled error."""
-    return Response(error.code, [("Content-Type", "application/json")], error.to_bytes())
-
-
 def remote_error(response: Response, domain: str, path: str) -> FederationError:
     """A non-2xx answer from a remote backend, as C{federation-remote-error}."""
     inner: Any
     try:
         inner = json.loads(response.body)
-    except ValueError:
+    except (ValueError, RecursionError):
         inner = {"code": response.code, "body": response.body[:1024].decode("utf-8", "replace")}
     return FederationError(
         f"{domain} answered {response.code}",

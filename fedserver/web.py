@@ -71,6 +71,13 @@ def require_post(request: server.Request) -> None:
         raise FederationError("federation requests take no query string", "invalid-endpoint")
 
 
+#: seconds a refused peer gets to read our answer before the connection is cut
+_ABORT_AFTER = 2.0
+
+#: the Server header of every answer: no software versions for strangers
+SERVER_HEADER = b"fedserver"
+
+
 class FederationRequest(server.Request):
     """
     A request that answers 413 C{request-too-large} as soon as it knows the
@@ -115,16 +122,23 @@ class FederationRequest(server.Request):
             peer=self.getClientAddress(),
             request_id=request_id_from(self, b"request-id"),
         )
-        # The request was never dispatched, so answer on the raw transport and
-        # close: the rest of the body is never read.
-        transport: Any = self.channel.transport
+        # The request was never dispatched, so answer on the raw transport,
+        # stop reading from the socket at once (a TLS transport would otherwise
+        # read on while it waits for the peer's close_notify, and TCP flow
+        # control now holds the peer back), close through the channel, and cut
+        # the connection if the peer does not let it close in time.
+        channel: Any = self.channel
+        transport = channel.transport
         transport.write(
             b"HTTP/1.1 413 Payload Too Large\r\n"
             b"Content-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n"
             b"Connection: close\r\n\r\n" + body
         )
-        transport.loseConnection()
+        socket_transport = getattr(transport, "transport", None) or transport  # under TLS, the TCP one
+        socket_transport.pauseProducing()
+        channel.loseConnection()
+        channel.callLater(_ABORT_AFTER, transport.abortConnection)
         # else the channel answers "Expect: 100-continue" after our 413
         self.requestHeaders.removeHeader(b"expect")
 
@@ -132,6 +146,11 @@ class FederationRequest(server.Request):
         if self._rejected:
             return
         super().requestReceived(command, path, version)
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            self.setHeader(b"server", SERVER_HEADER)
+        super().write(data)
 
 
 class FederationSite(server.Site):
@@ -198,21 +217,28 @@ def serve(
     request_id: str,
     only: Optional[tuple] = None,
     on_error: Callable[[FederationError], FederationError] = lambda e: e,
+    deadline: Optional[float] = None,
+    clock: Any = None,
 ) -> int:
     """
     Run C{work} for C{request} and send its L{Response}, or the labelled
     error it fails with; any other failure is logged here with its traceback
     and answered as C{internal-error}.  Cancels C{work} if the client goes
-    away.  Logs one line with C{describe}, the outcome and the time taken.
-    Returns C{NOT_DONE_YET} for C{render}.
+    away, or after C{deadline} seconds (answered C{federation-timeout}).
+    Logs one line with C{describe}, the outcome and the time taken.  Returns
+    C{NOT_DONE_YET} for C{render}.
     """
     started = time.monotonic()
     try:
         d = work()
     except Exception:
         d = defer.fail()
+    if deadline is not None:
+        d.addTimeout(deadline, clock)
 
     def done(response: Response) -> None:
+        if not isinstance(response, Response) or not isinstance(response.body, bytes):
+            raise TypeError(f"the answer must be a Response with a bytes body, not {response!r:.200}")
         _log_outcome(describe, request_id, response.code, None, started)
         write_response(request, response, only=only)
 
@@ -220,7 +246,17 @@ def serve(
         if failure.check(CancelledError) and getattr(request, "_disconnected", False):
             _log_outcome(describe, request_id, 499, "client-gone", started)
             return
-        if failure.check(FederationError):
+        if request.startedWriting:
+            # an answer is half sent: nothing sensible can follow it
+            log.failure("{describe} failed while answering [request {request_id}]", failure,
+                        describe=describe, request_id=request_id)
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if failure.check(defer.TimeoutError):
+            error = FederationError(
+                f"this backend did not finish the request within {deadline} s", "federation-timeout"
+            )
+        elif failure.check(FederationError):
             error = on_error(failure.value)
         else:
             log.failure(
@@ -236,7 +272,8 @@ def serve(
         _log_outcome(describe, request_id, error.code, error.label, started, error.message)
         write_error(request, error)
 
-    d.addCallbacks(done, failed)
+    d.addCallback(done)
+    d.addErrback(failed)
     request.notifyFinish().addErrback(lambda _: d.cancel())
     return server.NOT_DONE_YET
 

@@ -410,3 +410,27 @@ def test_discover_explains_an_unreachable_domain(federation: Dict[str, Any], dom
     assert code == 1
     assert report["reachable"] is False
     assert reason in report["verdict"]
+
+
+def test_after_refusing_a_body_the_server_stops_reading(federation: Dict[str, Any]) -> None:
+    """A peer that keeps sending after the 413 is cut off, over TLS too."""
+    import time
+
+    cert = federation["pki"].issue("peer-a7", ["fed.a.example"])
+    context = tls_context(federation["pki"].ca_path, cert)
+    head = (b"POST /federation/brig/ping HTTP/1.1\r\nHost: fed.b.example\r\n"
+            b"Wire-Origin-Domain: a.example\r\nContent-Length: 500000000\r\n\r\n")
+    sent = 0
+    with socket.create_connection(("127.0.0.1", federation["b"].inward_port), timeout=10) as sock:
+        with context.wrap_socket(sock, server_hostname="fed.b.example") as tls:
+            tls.sendall(head)
+            deadline = time.monotonic() + 20
+            chunk = b" " * 65536
+            try:
+                while time.monotonic() < deadline:
+                    tls.sendall(chunk)
+                    sent += len(chunk)
+            except (ssl.SSLError, OSError):
+                pass
+    assert time.monotonic() < deadline, "the server kept reading"
+    assert sent < 64 * 1024 * 1024

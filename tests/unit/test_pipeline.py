@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from twisted.internet.defer import Deferred
 from zope.interface.verify import verifyObject
@@ -11,7 +9,7 @@ from zope.interface.verify import verifyObject
 from fedserver.client import NotDelivered
 from fedserver.errors import AuthenticationFailure, DiscoveryFailure, FederationError
 from fedserver.interfaces import IAuthenticator, IAuthorizer, IComponentHandler, IDiscovery
-from fedserver.pipeline import check_json, error_response, remote_error
+from fedserver.pipeline import check_json, remote_error
 from fedserver.values import OutboundRequest, Peer, Response
 from tests.unit.helpers import (
     PEER_B,
@@ -270,13 +268,6 @@ def test_check_json():
         check_json(b"[1,", "the answer")
 
 
-def test_error_response():
-    response = error_response(FederationError("nope", "federation-denied"))
-    assert response.code == 400
-    assert response.header("content-type") == "application/json"
-    assert json.loads(response.body) == {"code": 400, "label": "federation-denied", "message": "nope"}
-
-
 def test_remote_error_carries_the_remote_json_under_inner():
     inner = {"code": 404, "label": "not-found", "message": "no such user"}
     error = remote_error(json_response(404, inner), "b.example", "/federation/brig/get-user")
@@ -290,3 +281,9 @@ def test_remote_error_with_a_body_that_is_not_json():
     assert error.inner["code"] == 502
     assert error.inner["body"].startswith("<html>")
     assert len(error.inner["body"]) == 1024
+
+
+def test_deeply_nested_json_is_invalid_json_not_an_internal_error():
+    with pytest.raises(FederationError) as info:
+        check_json(b"[" * 100000, "the body")
+    assert info.value.label == "invalid-json"

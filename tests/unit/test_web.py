@@ -12,6 +12,7 @@ from typing import Any, List
 import pytest
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.web import resource, server
 from twisted.web.test.requesthelper import DummyRequest
@@ -340,3 +341,27 @@ def test_error_resource():
     assert request.responseCode == 403
     assert b"".join(request.written) == b'{"code": 403, "label": "invalid-endpoint", "message": "gone"}'
     assert request.finished
+
+
+@pytest.mark.parametrize("answer", [{"not": "a Response"}, Response(200, [], "text, not bytes")])
+def test_serve_answers_a_malformed_component_answer_as_internal_error(answer):
+    conn, events = served(lambda: defer.succeed(answer))
+    assert conn.answer().labelled(500, "internal-error")
+    assert any("log_failure" in e for e in events)
+
+
+def test_serve_gives_up_after_the_deadline():
+    clock = Clock()
+    pending: Deferred = Deferred()
+    conn, _ = served(lambda: pending, deadline=3.0, clock=clock)
+    clock.advance(2.9)
+    assert conn.transport.value() == b""
+    with capturedLogs():
+        clock.advance(0.2)
+    body = conn.answer().labelled(504, "federation-timeout")
+    assert "within 3.0 s" in body["message"]
+
+
+def test_answers_name_no_software_version():
+    conn, _ = served(lambda: defer.succeed(Response(200, [], b"{}")))
+    assert conn.answer().header("server") == "fedserver"
