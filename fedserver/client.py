@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional
 
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
@@ -159,6 +160,38 @@ class NotDelivered(FederationError):
     """
 
 
+def bounded(d: Deferred[Any], seconds: float, clock: Any) -> Deferred[Any]:
+    """
+    Cancel C{d} after C{seconds}; a failure after that is a
+    L{defer.TimeoutError}.  Unlike C{Deferred.addTimeout}, this also holds
+    when the cancellation surfaces as another error, as Twisted's web client
+    reports a cancelled connection attempt (C{ConnectingCancelledError}).
+    """
+    expired: List[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        d.cancel()
+
+    timer = clock.callLater(seconds, expire)
+
+    def settle(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if expired and isinstance(result, Failure):
+            return Failure(defer.TimeoutError(f"no answer within {seconds} s"))
+        return result
+
+    return d.addBoth(settle)
+
+
+def was_cancelled(failure: Failure) -> bool:
+    """Whether C{failure} comes from a cancellation (not from our own timeout)."""
+    if failure.check(defer.TimeoutError):
+        return False
+    return any(r.check(defer.CancelledError, error.ConnectingCancelledError) for r in _reasons(failure))
+
+
 def _reasons(failure: Failure) -> List[Failure]:
     """C{failure} and every failure nested in Twisted's web client wrappers."""
     found = [failure]
@@ -174,13 +207,13 @@ def classify_failure(failure: Failure, target: Target) -> FederationError:
     for reason in _reasons(failure):
         if reason.check(FederationError):
             return reason.value
-        if reason.check(SSL.Error) or type(reason.value).__name__ == "VerificationError":
+        if reason.check(SSL.Error, VerificationError):
             return NotDelivered(
                 f"TLS with {where} failed: {_tls_text(reason.value)}",
                 "federation-tls-error",
                 data=data,
             )
-        if reason.check(defer.TimeoutError, defer.CancelledError):
+        if reason.check(defer.TimeoutError):
             return FederationError(
                 f"{where} did not answer in time", "federation-timeout", data=data
             )
@@ -192,7 +225,7 @@ def classify_failure(failure: Failure, target: Target) -> FederationError:
             )
     for reason in _reasons(failure):
         # error.TimeoutError is the connect timeout (a ConnectError): nothing was sent
-        if reason.check(error.ConnectingCancelledError, error.TimeoutError):
+        if reason.check(error.TimeoutError):
             return NotDelivered(
                 f"connecting to {where} took too long", "federation-timeout", data=data
             )
@@ -292,12 +325,16 @@ class FederationClient:
             return read_body(response, self.max_body_bytes).addCallback(complete)
 
         d.addCallback(got_response)
-        d.addTimeout(self.request_timeout, self._reactor)
+        bounded(d, self.request_timeout, self._reactor)
         d.addErrback(self._failed, target)
         return d
 
     @staticmethod
     def _failed(failure: Failure, target: Target) -> None:
+        if was_cancelled(failure):
+            # whoever cancelled (a caller that went away) wants no answer, and
+            # certainly no fail-over to another target
+            raise defer.CancelledError()
         raise classify_failure(failure, target)
 
     def close(self) -> Deferred[None]:

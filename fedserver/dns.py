@@ -15,6 +15,7 @@ must tell apart:
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import socket
 from typing import Any, List, Optional, Sequence, Tuple
@@ -57,7 +58,10 @@ def order_srv(records: Sequence[SRVRecord], rng: Optional[random.Random] = None)
         pending = sorted((r for r in records if r.priority == priority), key=lambda r: r.weight != 0)
         while pending:
             total = sum(r.weight for r in pending)
-            pick = rng.randint(0, total)
+            # the RFC's draw from 0 gives a weight 0 record its small chance;
+            # without one, 0 would be an extra ticket for whichever record
+            # happens to come first, so the draw starts at 1
+            pick = rng.randint(0 if pending[0].weight == 0 else 1, total)
             running = 0
             for index, record in enumerate(pending):
                 running += record.weight
@@ -68,17 +72,27 @@ def order_srv(records: Sequence[SRVRecord], rng: Optional[random.Random] = None)
 
 
 def parse_nameservers(values: Sequence[str]) -> List[Tuple[str, int]]:
-    """C{"host:port"} or C{"host"} (port 53) strings; IPv6 as C{"[::1]:53"}."""
+    """
+    C{"address:port"} or C{"address"} (port 53) strings; IPv6 as
+    C{"[::1]:53"}.  The address is an IP literal: Twisted's resolver sends
+    its queries to addresses only, and a name would need DNS to find DNS.
+    """
     servers = []
     for value in values:
         host, port = value, "53"
         if value.startswith("["):
             host, _, rest = value[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else "53"
+            if rest and not rest.startswith(":"):
+                raise ValueError(f"{value!r} is not address:port")
+            port = rest[1:] if rest else "53"
         elif value.count(":") == 1:
             host, port = value.split(":")
         if not port.isdigit() or not 0 < int(port) < 65536 or not host:
-            raise ValueError(f"{value!r} is not host:port")
+            raise ValueError(f"{value!r} is not address:port")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{value!r} is not address:port: {host!r} is not an IP address") from None
         servers.append((host, int(port)))
     return servers
 
@@ -100,6 +114,12 @@ class DNSLookup:
                 resolver = client.Resolver(servers=list(nameservers), timeout=(timeout,), reactor=reactor)
             else:
                 resolver = client.Resolver(resolv="/etc/resolv.conf", timeout=(timeout,), reactor=reactor)
+            # the resolver asks its servers one after the other, each for its
+            # timeout: share the lookup's timeout among them, or a first
+            # server that never answers would use it all and the next never
+            # be asked
+            count = len(resolver.servers) + len(resolver.dynServers)
+            resolver.timeout = (timeout / max(1, count),)
         self.resolver = resolver
 
     def _bounded(self, d: Deferred[Any], name: str) -> Deferred[Any]:

@@ -20,17 +20,21 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from fedserver.client import BodyTooLarge, read_body
+from fedserver.client import BodyTooLarge, bounded, read_body, was_cancelled
 from fedserver.config import Options
 from fedserver.context import Context
 from fedserver.errors import FederationError
 from fedserver.hookspecs import hookimpl
 from fedserver.interfaces import IComponentHandler
 from fedserver.values import FederatedCall, Response
+
+log = Logger(namespace="fedserver.http_forward")
 
 
 @implementer(IComponentHandler)
@@ -64,8 +68,8 @@ class HTTPForwardComponent:
             headers=headers,
         )
         d.addCallback(self._answer)
-        d.addTimeout(self.timeout, self.reactor)
-        d.addErrback(self._failed)
+        bounded(d, self.timeout, self.reactor)
+        d.addErrback(self._failed, call.request_id)
         return d
 
     def _answer(self, response: Any) -> Deferred[Response]:
@@ -77,23 +81,33 @@ class HTTPForwardComponent:
 
         return read_body(response, self.max_body_bytes).addCallback(complete)
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure, request_id: str) -> None:
         failure.trap(Exception)
-        if failure.check(FederationError):
+        if failure.check(FederationError) or was_cancelled(failure):
             failure.raiseException()
         if failure.check(BodyTooLarge):
             reason = "its answer is larger than [limits] max_body_bytes"
+        elif failure.check(defer.TimeoutError):
+            reason = f"no answer within {self.timeout} s"
         else:
             reason = str(failure.value).strip() or type(failure.value).__name__
+        # the details are for our log; the peer learns only that it failed
+        log.warn("component {name} ({url}) failed: {reason} [request {request_id}]",
+                 name=self.name, url=self.url, reason=reason, request_id=request_id)
         raise FederationError(
-            f"the local component {self.name} ({self.url}) failed: {reason}",
+            f"the component {self.name} is unavailable; the log of this backend has the details "
+            f"under request id {request_id}",
             "component-unavailable",
         )
 
 
 def make_http_forward(options: Options, context: Context) -> HTTPForwardComponent:
     url = options.get_str("url")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a bad port raises here rather than on every call
+    except ValueError as e:
+        raise options.error("url", f"{url!r} is not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise options.error("url", f"must be an http:// or https:// URL without query, not {url!r}")
     limits = context.config.limits

@@ -15,6 +15,8 @@ import twisted.protocols.tls
 from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.address import HostnameAddress
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -77,9 +79,7 @@ TLS_ERROR = SSL.Error([("SSL routines", "", "certificate verify failed")])
         (error.ConnectionRefusedError(), "federation-connection-refused", True),
         (error.DNSLookupError("no such host"), "federation-connection-refused", True),
         (error.TimeoutError(), "federation-timeout", True),
-        (error.ConnectingCancelledError(HostnameAddress(b"fed.b.example", 8443)), "federation-timeout", True),
         (defer.TimeoutError(), "federation-timeout", False),
-        (defer.CancelledError(), "federation-timeout", False),
         (nested(web_client.ResponseNeverReceived, error.ConnectionLost()), "federation-connection-refused", False),
         (nested(web_client.ResponseFailed, error.ConnectionDone()), "federation-connection-refused", False),
         (BodyTooLarge(5000), "federation-remote-error", False),
@@ -296,7 +296,8 @@ def test_no_connection_within_the_request_timeout(reactor, client):
     reactor.advance(29)
     assert_no_result(d)
     reactor.advance(1)
-    assert isinstance(labelled_failure(d, "federation-timeout"), NotDelivered)
+    # the whole budget is spent: no fail-over (a connect timeout, shorter, does fail over)
+    assert not isinstance(labelled_failure(d, "federation-timeout"), NotDelivered)
 
 
 def test_no_answer_after_sending_is_a_timeout_without_fail_over(reactor, client, dev_pki):
@@ -341,3 +342,31 @@ def test_close_closes_pooled_connections(reactor, client, dev_pki):
     pump.flush()
     success_result_of(closed)
     assert not client.pool._connections
+
+
+@pytest.mark.parametrize(
+    "exc, cancelled",
+    [
+        (defer.CancelledError(), True),
+        (error.ConnectingCancelledError(HostnameAddress(b"fed.b.example", 8443)), True),
+        (nested(web_client.ResponseNeverReceived, defer.CancelledError()), True),
+        (defer.TimeoutError(), False),
+        (error.ConnectionRefusedError(), False),
+    ],
+)
+def test_a_cancellation_is_told_from_a_failure(exc, cancelled):
+    from fedserver.client import was_cancelled
+
+    assert was_cancelled(Failure(exc)) is cancelled
+
+
+def test_bounded_turns_any_failure_after_the_deadline_into_a_timeout():
+    from fedserver.client import bounded
+
+    clock = Clock()
+    d = bounded(Deferred(lambda d: d.errback(error.ConnectingCancelledError(None))), 2, clock)
+    clock.advance(2)
+    assert failure_result_of(d).check(defer.TimeoutError)
+    done = bounded(defer.succeed("answer"), 2, clock)
+    assert success_result_of(done) == "answer"
+    assert not clock.getDelayedCalls()

@@ -287,3 +287,30 @@ def test_deeply_nested_json_is_invalid_json_not_an_internal_error():
     with pytest.raises(FederationError) as info:
         check_json(b"[" * 100000, "the body")
     assert info.value.label == "invalid-json"
+
+
+def test_a_cancelled_send_does_not_fail_over():
+    from twisted.internet.defer import CancelledError, Deferred
+
+    from fedserver.client import FederationClient
+    from fedserver.pipeline import Pipeline
+    from fedserver.values import OutboundRequest
+    from tests.unit.helpers import FakeAuthenticator, FakeDiscovery, failure_result_of, target
+
+    sent = []
+
+    class Hanging(FederationClient):
+        def __init__(self):
+            pass
+
+        def send(self, target, request):
+            sent.append(target)
+            return Deferred(lambda d: d.errback(CancelledError()))
+
+    discovery = FakeDiscovery({"b.example": [target("fed.b.example", 1), target("fed.b.example", 2)]})
+    pipeline = Pipeline(backend_domain="a.example", discovery=discovery, authenticator=FakeAuthenticator(),
+                        authorizers=[], components={}, client=Hanging())
+    d = pipeline.send(OutboundRequest(destination="b.example", method="POST", path="/federation/x/y", headers=()))
+    d.cancel()
+    assert failure_result_of(d, CancelledError)
+    assert [t.port for t in sent] == [1]
