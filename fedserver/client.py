@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.protocols import policies
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
@@ -117,6 +118,56 @@ class _Discard(Protocol):
         self.transport.stopProducing()  # type: ignore[union-attr]
 
 
+#: bytes an answer's status line and headers may take beyond the body limit
+HEAD_ALLOWANCE = 64 * 1024
+
+
+class _BoundedAnswer(policies.ProtocolWrapper):
+    """
+    Cuts a connection whose answer to the last request grows past the
+    limit, so that a remote cannot exhaust memory with endless headers
+    (Twisted's client parser bounds neither their number nor their size).
+    """
+
+    def __init__(self, factory: Any, wrapped: Any, limit: int) -> None:
+        super().__init__(factory, wrapped)
+        self._limit = limit
+        self._received = 0
+        self._exceeded = False
+
+    def write(self, data: bytes) -> None:
+        self._received = 0  # a new request: its answer starts now
+        super().write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self._received = 0
+        super().writeSequence(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._exceeded:
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            self._exceeded = True
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._exceeded:
+            reason = Failure(BodyTooLarge(self._received))
+        super().connectionLost(reason)
+
+
+class _BoundedAnswers(policies.WrappingFactory):
+    def __init__(self, wrapped: Any, limit: int) -> None:
+        super().__init__(wrapped)
+        self.limit = limit
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return _BoundedAnswer(self, self.wrappedFactory.buildProtocol(addr), self.limit)
+
+
 @implementer(IStreamClientEndpoint)
 class _TLSClientEndpoint:
     """
@@ -124,33 +175,37 @@ class _TLSClientEndpoint:
     injected reactor as the TLS layer's clock.
     """
 
-    def __init__(self, tls: Any, wrapped: IStreamClientEndpoint, clock: Any) -> None:
+    def __init__(self, tls: Any, wrapped: IStreamClientEndpoint, clock: Any, answer_limit: int) -> None:
         self._tls = tls
         self._wrapped = wrapped
         self._clock = clock
+        self._answer_limit = answer_limit
 
     def connect(self, factory: Any) -> Deferred[Any]:
-        tls_factory = TLSMemoryBIOFactory(self._tls, True, factory, clock=self._clock)
+        bounded_factory = _BoundedAnswers(factory, self._answer_limit)
+        tls_factory = TLSMemoryBIOFactory(self._tls, True, bounded_factory, clock=self._clock)
 
         def unwrap(protocol: Any) -> Any:
-            return protocol.wrappedProtocol
+            # TLS, then the size bound, then the HTTP protocol the pool wants
+            return protocol.wrappedProtocol.wrappedProtocol
 
         return self._wrapped.connect(tls_factory).addCallback(unwrap)
 
 
 @implementer(IAgentEndpointFactory)
 class _TargetEndpoints:
-    def __init__(self, reactor: Any, target: Target, tls: Any, connect_timeout: float) -> None:
+    def __init__(self, reactor: Any, target: Target, tls: Any, connect_timeout: float, answer_limit: int) -> None:
         self._reactor = reactor
         self._target = target
         self._tls = tls
         self._timeout = connect_timeout
+        self._answer_limit = answer_limit
 
     def endpointForURI(self, uri: Any) -> Any:
         tcp = HostnameEndpoint(
             self._reactor, self._target.host, self._target.port, timeout=self._timeout
         )
-        return _TLSClientEndpoint(self._tls, tcp, self._reactor)
+        return _TLSClientEndpoint(self._tls, tcp, self._reactor, self._answer_limit)
 
 
 class NotDelivered(FederationError):
@@ -300,7 +355,8 @@ class FederationClient:
         """
         agent = web_client.Agent.usingEndpointFactory(
             self._reactor,
-            _TargetEndpoints(self._reactor, target, self._tls_for(target), self.connect_timeout),
+            _TargetEndpoints(self._reactor, target, self._tls_for(target), self.connect_timeout,
+                             self.max_body_bytes + HEAD_ALLOWANCE),
             pool=self.pool,
         )
         host = target.infra_domain

@@ -251,6 +251,8 @@ class Limits:
     @ivar connect_timeout: seconds to establish an outbound connection.
     @ivar component_timeout: seconds for a local component to answer.
     @ivar idle_timeout: seconds a listener keeps an idle connection open.
+    @ivar max_connections: connections the inward listener holds at once;
+        more are closed as they arrive.
     """
 
     max_body_bytes: int = 1024 * 1024
@@ -258,6 +260,7 @@ class Limits:
     connect_timeout: float = 10.0
     component_timeout: float = 30.0
     idle_timeout: float = 60.0
+    max_connections: int = 1024
 
 
 @attrs.frozen
@@ -381,6 +384,9 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
             ),
             idle_timeout=limits_table.get_number(
                 "idle_timeout", limits.idle_timeout, minimum=1, maximum=86400
+            ),
+            max_connections=limits_table.get_int(
+                "max_connections", limits.max_connections, minimum=1, maximum=1_000_000
             ),
         )
         limits_table.check_all_used()

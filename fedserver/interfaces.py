@@ -85,6 +85,22 @@ class IAuthenticator(Interface):
         """
 
 
+class IConnectionGate(Interface):
+    """
+    Optional, for authenticators that can judge a peer by its connection
+    alone (mutual TLS).  The inward listener asks it as soon as a request's
+    headers are in, and refuses a peer it rejects before reading the body,
+    so that strangers cannot make fedserver buffer their uploads.
+    """
+
+    def check_connection(tls: Optional[Any]) -> None:
+        """
+        Raise L{fedserver.errors.AuthenticationFailure} if the connection's
+        client certificate (a L{fedserver.tls.PeerCertificate}, or C{None}
+        when none was presented) can never be authenticated.
+        """
+
+
 class IAuthorizer(Interface):
     """
     Decides whom we federate with.  Every configured authorizer must allow a

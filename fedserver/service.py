@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from twisted.protocols import policies
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import client as web_client
 from twisted.web import resource, server
@@ -30,12 +31,14 @@ from zope.interface import implementer
 from fedserver.client import FederationClient
 from fedserver.config import Config, load_config
 from fedserver.context import Context
-from fedserver.errors import ConfigError
+from fedserver.errors import ConfigError, FederationError
+from fedserver.interfaces import IConnectionGate
 from fedserver.inward import InwardFederationResource
 from fedserver.outward import OutwardRPCResource
 from fedserver.pipeline import Pipeline
 from fedserver.registry import PluginRegistry, check_provides, make_plugin_manager
 from fedserver.storage import Store
+from fedserver.tls import peer_certificate
 from fedserver.web import FederationSite, ListenerRoot
 
 log = Logger(namespace="fedserver.service")
@@ -277,23 +280,58 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
         service.setServiceParent(top)
     _Drain(reactor, in_flight).setServiceParent(top)
 
-    def site(root: ListenerRoot) -> _TrackingSite:
-        return _TrackingSite(root, in_flight, max_body_bytes=limits.max_body_bytes,
+    def site(root: ListenerRoot, gate: Any = None) -> _TrackingSite:
+        return _TrackingSite(root, in_flight, max_body_bytes=limits.max_body_bytes, gate=gate,
                              timeout=limits.idle_timeout, reactor=reactor)
 
-    inward_site = site(inward)
+    inward_site = site(inward, _connection_gate(context.authenticator))
     server_tls = context.authenticator.server_tls_options()
-    top.inward_factory = (
+    inward_factory: Any = (
         TLSMemoryBIOFactory(_CurrentServerTLS(context.authenticator), False, inward_site, clock=reactor)
         if server_tls is not None
         else inward_site
     )
+    top.inward_factory = ConnectionLimit(inward_factory, limits.max_connections)
     top.outward_site = site(outward)
     if listen:
         _listener(config.inward_listen, "[inward] listen", top.inward_factory, reactor).setServiceParent(top)
         if config.outward_listen:
             _listener(config.outward_listen, "[outward] listen", top.outward_site, reactor).setServiceParent(top)
     return top
+
+
+class ConnectionLimit(policies.WrappingFactory):
+    """Closes connections that arrive while C{limit} are open."""
+
+    def __init__(self, wrapped: Any, limit: int) -> None:
+        super().__init__(wrapped)
+        self.limit = limit
+        self.refused = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self.limit:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warn("{limit} connections are open ([limits] max_connections): "
+                         "refused {refused} so far, the latest from {peer}",
+                         limit=self.limit, refused=self.refused, peer=addr)
+            return None
+        return super().buildProtocol(addr)
+
+
+def _connection_gate(authenticator: Any) -> Any:
+    """The inward site's gate, if the authenticator can judge connections."""
+    if not IConnectionGate.providedBy(authenticator):
+        return None
+
+    def gate(request: server.Request) -> Optional[FederationError]:
+        try:
+            authenticator.check_connection(peer_certificate(request.transport))
+        except FederationError as e:
+            return e
+        return None
+
+    return gate
 
 
 def _listener(description: str, key: str, factory: Any, reactor: Any) -> IService:

@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from fedserver.errors import FederationError
 from fedserver.values import Response
@@ -80,9 +80,11 @@ SERVER_HEADER = b"fedserver"
 
 class FederationRequest(server.Request):
     """
-    A request that answers 413 C{request-too-large} as soon as it knows the
-    body exceeds the site's C{max_body_bytes}, without reading the rest, and
-    keeps bodies in memory (they are bounded) instead of temporary files.
+    A request that is refused as soon as its headers are in when the site's
+    C{gate} rejects the peer, and answered 413 C{request-too-large} as soon as
+    its body is known to exceed the site's C{max_body_bytes}; either way the
+    body is never read.  Bodies are kept in memory (they are bounded) instead
+    of temporary files.
     """
 
     _rejected = False
@@ -95,7 +97,11 @@ class FederationRequest(server.Request):
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = io.BytesIO()
-        if length is not None and length > self._limit:
+        gate = self.channel.site.gate  # type: ignore[attr-defined]
+        refusal = gate(self) if gate is not None else None
+        if refusal is not None:
+            self._refuse_early(refusal)
+        elif length is not None and length > self._limit:
             self._reject_too_large(length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -108,20 +114,29 @@ class FederationRequest(server.Request):
         self.content.write(data)
 
     def _reject_too_large(self, length: Optional[int]) -> None:
-        self._rejected = True
         limit = self._limit
         size = f"{length} bytes, more" if length is not None else "more bytes"
-        body = FederationError(
+        self._refuse_early(FederationError(
             f"the request body has {size} than the limit of {limit} bytes "
             "([limits] max_body_bytes)",
             "request-too-large",
-        ).to_bytes()
+        ))
+
+    def _refuse_early(self, error: FederationError) -> None:
+        self._rejected = True
+        body = error.to_bytes()
         log.info(
-            "refused a request body over {limit} bytes from {peer} [request {request_id}]",
-            limit=limit,
+            "{method} {path} from {peer} -> {code} {label} before reading the body: {message} "
+            "[request {request_id}]",
+            method=self.method.decode("latin-1"),
+            path=self.uri.decode("latin-1", "replace")[:200],
             peer=self.getClientAddress(),
+            code=error.code,
+            label=error.label,
+            message=error.message,
             request_id=request_id_from(self, b"request-id"),
         )
+        reason = http.RESPONSES.get(error.code, b"Refused")
         # The request was never dispatched, so answer on the raw transport,
         # stop reading from the socket at once (a TLS transport would otherwise
         # read on while it waits for the peer's close_notify, and TCP flow
@@ -130,7 +145,7 @@ class FederationRequest(server.Request):
         channel: Any = self.channel
         transport = channel.transport
         transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"HTTP/1.1 %d %s\r\n" % (error.code, reason) +
             b"Content-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n"
             b"Connection: close\r\n\r\n" + body
@@ -158,14 +173,19 @@ class FederationSite(server.Site):
     The site for a fedserver listener.
 
     @ivar max_body_bytes: larger request bodies are refused unread.
+    @ivar gate: called with each request once its headers are in; returns a
+        L{FederationError} to refuse it before its body is read, or C{None}.
     """
 
     requestFactory = FederationRequest
     displayTracebacks = False
 
-    def __init__(self, root: resource.IResource, *, max_body_bytes: int, **kwargs: Any) -> None:
+    def __init__(self, root: resource.IResource, *, max_body_bytes: int,
+                 gate: Optional[Callable[[server.Request], Optional[FederationError]]] = None,
+                 **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self.max_body_bytes = max_body_bytes
+        self.gate = gate
 
     def log(self, request: Any) -> None:
         # fedserver logs each request itself, with its request id and outcome

@@ -26,7 +26,7 @@ from fedserver.config import Options, is_domain_name
 from fedserver.context import Context
 from fedserver.errors import AuthenticationFailure, ConfigError
 from fedserver.hookspecs import hookimpl
-from fedserver.interfaces import IAuthenticator
+from fedserver.interfaces import IAuthenticator, IConnectionGate
 from fedserver.tls import (
     ClientCertificateServerOptions,
     PeerCertificate,
@@ -40,7 +40,7 @@ from fedserver.values import InboundRequest, OutboundRequest, Peer, Target
 ORIGIN_HEADER = "Wire-Origin-Domain"
 
 
-@implementer(IAuthenticator)
+@implementer(IAuthenticator, IConnectionGate)
 class MutualTLSAuthenticator:
     """
     @param material: our TLS material.
@@ -82,8 +82,11 @@ class MutualTLSAuthenticator:
         except AuthenticationFailure:
             return defer.fail()
 
-    def _authenticate(self, request: InboundRequest) -> Peer:
-        tls = request.tls
+    def check_connection(self, tls: Optional[PeerCertificate]) -> None:
+        """The certificate part of authentication (L{IConnectionGate})."""
+        self._names(tls)
+
+    def _names(self, tls: Any) -> frozenset:
         if not isinstance(tls, PeerCertificate):
             raise AuthenticationFailure(
                 "no client certificate was presented; federation requires mutual TLS",
@@ -105,6 +108,12 @@ class MutualTLSAuthenticator:
                 f"the client certificate ({_subject(tls)}) names no DNS identity",
                 "certificate-parse-error",
             )
+        return names
+
+    def _authenticate(self, request: InboundRequest) -> Peer:
+        tls = request.tls
+        names = self._names(tls)
+        assert isinstance(tls, PeerCertificate)  # _names made sure
         origin = request.header(ORIGIN_HEADER)
         if not origin:
             raise AuthenticationFailure(

@@ -98,7 +98,8 @@ class SRVDiscovery:
         usable = [r for r in answer.records if r.allowed]
         if not usable:
             problems = "; ".join(r.problem for r in answer.records if r.problem)
-            raise DiscoveryFailure(f"no usable federation target for {domain}: {problems}")
+            raise DiscoveryFailure(f"no usable federation target for {domain}: {problems}",
+                                   data={"type": "federation", "domain": domain})
         return answer, min(r.record.ttl for r in usable)
 
     async def _answer(self, domain: str) -> SRVAnswer:

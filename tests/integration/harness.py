@@ -285,3 +285,75 @@ def _exchange(connection: http.client.HTTPConnection, method: str, path: str, bo
     except ValueError:
         document = payload
     return response.status, answer_headers, document
+
+
+# a DNS server
+
+class DNSServer:
+    """
+    Twisted's own DNS server (C{twistd -n dns}) on 127.0.0.1:C{port}, UDP
+    and TCP, authoritative for C{zone} with C{records}.
+
+    C{records} are lines of a Python zone file (see L{srv} and L{a}); the
+    zone file is written when the server starts, so records may name ports
+    chosen after the server object was made.  L{stop} and L{start} again
+    (same port, same zone) to simulate DNS going away and coming back.
+    """
+
+    def __init__(self, directory: str, records: Sequence[str], *, zone: str = "example",
+                 port: Optional[int] = None) -> None:
+        self.directory = directory
+        self.zone = zone
+        self.records = list(records)
+        self.port = port or free_port()
+        self.zone_path = os.path.join(directory, f"{zone}.zone.py")
+        self.log_path = os.path.join(directory, f"dns-{self.port}.log")
+        self.process: Optional[subprocess.Popen] = None
+
+    @staticmethod
+    def srv(name: str, priority: int, weight: int, port: int, target: str, ttl: int = 1) -> str:
+        """An SRV record line; C{target} C{"."} says the domain has no such service."""
+        target_text = 'b"."' if target == "." else repr(target)
+        return f"SRV({name!r}, {priority}, {weight}, {port}, {target_text}, ttl={ttl})"
+
+    @staticmethod
+    def a(name: str, address: str, ttl: int = 1) -> str:
+        """An A record line."""
+        return f"A({name!r}, {address!r}, ttl={ttl})"
+
+    def write_zone(self) -> None:
+        soa = (f"SOA({self.zone!r}, mname='ns.{self.zone}', rname='hostmaster.{self.zone}', serial=1, "
+               "refresh=60, retry=60, expire=60, minimum=1, ttl=1)")
+        with open(self.zone_path, "w") as f:
+            f.write("zone = [\n" + "".join(f"    {line},\n" for line in [soa, *self.records]) + "]\n")
+
+    def start(self, timeout: float = WAIT) -> None:
+        """Write the zone and start the server; return once it accepts TCP (UDP is bound with it)."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.write_zone()
+        argv = [tool("twistd"), "-n", "--pidfile=", f"--logfile={self.log_path}", "dns",
+                "--pyzone", self.zone_path, "--port", str(self.port), "--interface", "127.0.0.1"]
+        self.process = subprocess.Popen(argv, cwd=self.directory, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(self.port, self.process, timeout)
+        except AssertionError as e:
+            exited = self.process.poll() is not None and self.process.stdout is not None
+            output = self.process.stdout.read().decode(errors="replace") if exited else ""  # type: ignore[union-attr]
+            self.stop()
+            raise AssertionError(f"the DNS server did not start ({e}):\n{output}\n{self.log()}") from None
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop the server (bounded); nothing happens if it is not running."""
+        if self.process is None:
+            return
+        stop(self.process)
+        if self.process.stdout is not None:
+            self.process.stdout.close()

@@ -434,3 +434,17 @@ def test_after_refusing_a_body_the_server_stops_reading(federation: Dict[str, An
                 pass
     assert time.monotonic() < deadline, "the server kept reading"
     assert sent < 64 * 1024 * 1024
+
+
+def test_a_peer_without_certificate_is_refused_before_its_body(federation: Dict[str, Any]) -> None:
+    context = tls_context(federation["pki"].ca_path, None)
+    head = (b"POST /federation/brig/ping HTTP/1.1\r\nHost: fed.b.example\r\n"
+            b"Wire-Origin-Domain: a.example\r\nContent-Length: 4000\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", federation["b"].inward_port), timeout=10) as sock:
+        with context.wrap_socket(sock, server_hostname="fed.b.example") as tls:
+            tls.sendall(head)  # and no body: the answer must come anyway
+            received = b""
+            while chunk := tls.recv(65536):
+                received += chunk
+    status, answer = _status_and_json(received)
+    assert (status, answer["label"]) == (403, "no-client-certificate")

@@ -370,3 +370,42 @@ def test_bounded_turns_any_failure_after_the_deadline_into_a_timeout():
     done = bounded(defer.succeed("answer"), 2, clock)
     assert success_result_of(done) == "answer"
     assert not clock.getDelayedCalls()
+
+
+def test_an_endless_answer_is_cut_and_reported_as_too_large():
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import StringTransport
+
+    from fedserver.client import _BoundedAnswers
+
+    class Recorder(Protocol):
+        def __init__(self):
+            self.received = b""
+            self.reason = None
+
+        def dataReceived(self, data):
+            self.received += data
+
+        def connectionLost(self, reason):
+            self.reason = reason
+
+    factory = _BoundedAnswers(Factory.forProtocol(Recorder), 100)
+    wrapper = factory.buildProtocol(None)
+    transport = StringTransport()
+    wrapper.makeConnection(transport)
+    inner = wrapper.wrappedProtocol
+    wrapper.write(b"GET / HTTP/1.1\r\n\r\n")
+    wrapper.dataReceived(b"X-A: b\r\n" * 12)  # 96 bytes: within the bound
+    assert len(inner.received) == 96 and not transport.disconnecting
+    wrapper.dataReceived(b"X-A: b\r\n")
+    assert transport.disconnected  # aborted, not closed politely
+    wrapper.connectionLost(Failure(error.ConnectionAborted()))
+    assert inner.reason.check(BodyTooLarge)
+    assert len(inner.received) == 96
+    # the bound is per answer: a new request starts a new count
+    second = factory.buildProtocol(None)
+    second.makeConnection(StringTransport())
+    for _ in range(3):
+        second.write(b"GET / HTTP/1.1\r\n\r\n")
+        second.dataReceived(b"y" * 90)
+    assert len(second.wrappedProtocol.received) == 270

@@ -282,3 +282,19 @@ def test_resources_are_plain_twisted_resources(config_file: Any) -> None:
     top = _build(config_file())
     assert resource.IResource.providedBy(top.inward_resource)
     assert resource.IResource.providedBy(top.outward_resource)
+
+
+def test_connection_limit_refuses_connections_beyond_it() -> None:
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import StringTransport
+
+    from fedserver.service import ConnectionLimit
+
+    limit = ConnectionLimit(Factory.forProtocol(Protocol), 2)
+    first, second = limit.buildProtocol(None), limit.buildProtocol(None)
+    for protocol in (first, second):
+        protocol.makeConnection(StringTransport())
+    assert limit.buildProtocol(None) is None
+    assert limit.refused == 1
+    first.connectionLost(None)
+    assert limit.buildProtocol(None) is not None
