@@ -13,7 +13,7 @@ from C{authenticator.server_tls_options()}).
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, List, Optional, Union
+from typing import Any, Iterable, List, Optional, Sequence, Union
 
 from treq.client import HTTPClient
 from twisted.application import strports
@@ -45,6 +45,8 @@ log = Logger(namespace="fedserver.service")
 
 #: seconds that stopping waits for requests in flight
 DRAIN_TIMEOUT = 10.0
+#: seconds that stopping then waits for connections to deliver what they hold
+CLOSE_TIMEOUT = 5.0
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -97,12 +99,14 @@ class _TrackingSite(FederationSite):
 class _Drain(Service):
     """
     Stopped right after the listeners: waits, bounded by L{DRAIN_TIMEOUT},
-    for the requests in flight to be answered.
+    for the requests in flight to be answered, then closes the listeners'
+    connections once their answers are sent.
     """
 
-    def __init__(self, reactor: Any, in_flight: _InFlight) -> None:
+    def __init__(self, reactor: Any, in_flight: _InFlight, connections: Sequence[ConnectionLimit] = ()) -> None:
         self._reactor = reactor
         self._in_flight = in_flight
+        self._connections = list(connections)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -113,7 +117,13 @@ class _Drain(Service):
         d.addTimeout(DRAIN_TIMEOUT, self._reactor)
         d.addErrback(lambda f: log.warn("stopped with {n} requests still in flight",
                                         n=self._in_flight.count))
-        return d
+
+        def close_connections(_: Any) -> Deferred[Any]:
+            return defer.gatherResults(
+                [c.close_all(self._reactor, CLOSE_TIMEOUT) for c in self._connections], consumeErrors=True
+            )
+
+        return d.addCallback(close_connections)
 
 
 class _ClosePools(Service):
@@ -269,47 +279,80 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
         store.migrate()
 
     in_flight = _InFlight()
-    top = FederationService()
-    top.context = context
-    top.pipeline = pipeline
-    top.inward_resource = inward
-    top.outward_resource = outward
-    _ClosePools([context.client.close, local_pool.closeCachedConnections]).setServiceParent(top)
-    store.setServiceParent(top)
-    for service in plugin_services:
-        service.setServiceParent(top)
-    _Drain(reactor, in_flight).setServiceParent(top)
 
     def site(root: ListenerRoot, gate: Any = None) -> _TrackingSite:
         return _TrackingSite(root, in_flight, max_body_bytes=limits.max_body_bytes, gate=gate,
                              timeout=limits.idle_timeout, reactor=reactor)
 
     inward_site = site(inward, _connection_gate(context.authenticator))
-    server_tls = context.authenticator.server_tls_options()
     inward_factory: Any = (
         TLSMemoryBIOFactory(_CurrentServerTLS(context.authenticator), False, inward_site, clock=reactor)
-        if server_tls is not None
+        if context.authenticator.server_tls_options() is not None
         else inward_site
     )
-    top.inward_factory = ConnectionLimit(inward_factory, limits.max_connections)
+    top = FederationService()
+    top.context = context
+    top.pipeline = pipeline
+    top.inward_resource = inward
+    top.outward_resource = outward
     top.outward_site = site(outward)
+    top.inward_factory = ConnectionLimit(inward_factory, limits.max_connections)
+    outward_connections = ConnectionLimit(top.outward_site)
+
+    # started in this order, stopped one by one in the reverse order
+    _ClosePools([context.client.close, local_pool.closeCachedConnections]).setServiceParent(top)
+    store.setServiceParent(top)
+    for service in plugin_services:
+        service.setServiceParent(top)
+    _Drain(reactor, in_flight, [top.inward_factory, outward_connections]).setServiceParent(top)
     if listen:
         _listener(config.inward_listen, "[inward] listen", top.inward_factory, reactor).setServiceParent(top)
         if config.outward_listen:
-            _listener(config.outward_listen, "[outward] listen", top.outward_site, reactor).setServiceParent(top)
+            _listener(config.outward_listen, "[outward] listen", outward_connections, reactor).setServiceParent(top)
     return top
 
 
 class ConnectionLimit(policies.WrappingFactory):
-    """Closes connections that arrive while C{limit} are open."""
+    """
+    A listener's connections: closes those that arrive while C{limit} are
+    open, and closes them all in an orderly way when fedserver stops.
+    """
 
-    def __init__(self, wrapped: Any, limit: int) -> None:
+    def __init__(self, wrapped: Any, limit: Optional[int] = None) -> None:
         super().__init__(wrapped)
         self.limit = limit
         self.refused = 0
+        self._all_closed: List[Deferred[None]] = []
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def close_all(self, clock: Any, timeout: float) -> Deferred[None]:
+        """
+        Close every connection after what was written to it is sent (so
+        answers to requests that finished are delivered, and keep-alive
+        connections bring no new requests); abort those still open after
+        C{timeout} seconds.
+        """
+        if not self.protocols:
+            return defer.succeed(None)
+        for protocol in list(self.protocols):
+            protocol.loseConnection()
+        d: Deferred[None] = Deferred()
+        self._all_closed.append(d)
+
+        def abort(failure: Any) -> None:
+            for protocol in list(self.protocols):
+                protocol.transport.abortConnection()
+
+        return d.addTimeout(timeout, clock).addErrback(abort)
 
     def buildProtocol(self, addr: Any) -> Any:
-        if len(self.protocols) >= self.limit:
+        if self.limit is not None and len(self.protocols) >= self.limit:
             self.refused += 1
             if self.refused == 1 or self.refused % 1000 == 0:
                 log.warn("{limit} connections are open ([limits] max_connections): "
