@@ -13,6 +13,7 @@ A cache for discovery answers, shared by the DNS-based discovery plugins.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Dict, Generic, List, Optional, Tuple, TypeVar
 
 import attrs
@@ -34,6 +35,9 @@ class CacheSettings:
     max_ttl: float = 86400.0
     negative_ttl: float = 60.0
     stale_ttl: float = 86400.0
+    #: names kept at most; the least recently used goes first (peers choose
+    #: the origin domains we look up, so the cache must not grow unbounded)
+    max_entries: int = 10000
 
 
 @attrs.define
@@ -58,7 +62,7 @@ class DiscoveryCache(Generic[T]):
         self._clock = clock
         self._fetch = fetch
         self.settings = settings
-        self._entries: Dict[str, _Entry[T]] = {}
+        self._entries: OrderedDict[str, _Entry[T]] = OrderedDict()
         self._pending: Dict[str, List[Deferred[T]]] = {}
         self.hits = 0
         self.misses = 0
@@ -68,6 +72,7 @@ class DiscoveryCache(Generic[T]):
         now = self._clock.seconds()
         entry = self._entries.get(name)
         if entry is not None and entry.expires > now:
+            self._entries.move_to_end(name)
             self.hits += 1
             if entry.error is not None:
                 return defer.fail(entry.error)
@@ -82,6 +87,15 @@ class DiscoveryCache(Generic[T]):
         d.addCallbacks(self._fetched, self._failed, callbackArgs=(name,), errbackArgs=(name,))
         return waiting
 
+    def _store(self, name: str, entry: _Entry[T]) -> None:
+        self._entries[name] = entry
+        self._entries.move_to_end(name)
+        while len(self._entries) > self.settings.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def _settle(self, name: str, outcome: Any) -> None:
         for d in self._pending.pop(name, []):
             if isinstance(outcome, Failure):
@@ -94,7 +108,7 @@ class DiscoveryCache(Generic[T]):
         s = self.settings
         now = self._clock.seconds()
         expires = now + min(max(ttl, s.min_ttl), s.max_ttl)
-        self._entries[name] = _Entry(value, None, expires, value, expires + s.stale_ttl)
+        self._store(name, _Entry(value, None, expires, value, expires + s.stale_ttl))
         self._settle(name, value)
 
     def _failed(self, failure: Failure, name: str) -> None:
@@ -102,7 +116,7 @@ class DiscoveryCache(Generic[T]):
         previous = self._entries.get(name)
         error = failure.value
         if isinstance(error, DiscoveryFailure) and error.label == "invalid-domain":
-            self._entries[name] = _Entry(None, error, now + self.settings.negative_ttl)
+            self._store(name, _Entry(None, error, now + self.settings.negative_ttl))
             self._settle(name, failure)
             return
         if previous is not None and previous.good is not None and previous.good_until > now:

@@ -151,7 +151,8 @@ def cache_settings(options: Options) -> CacheSettings:
     }
     if values["min_ttl"] > values["max_ttl"]:
         raise options.error("min_ttl", f"must not exceed max_ttl ({values['max_ttl']})")
-    return CacheSettings(**values)
+    max_entries = options.get_int("cache_entries", default.max_entries, minimum=1, maximum=10_000_000)
+    return CacheSettings(**values, max_entries=max_entries)
 
 
 def make_wire_srv(options: Options, context: Any) -> SRVDiscovery:

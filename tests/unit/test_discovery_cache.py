@@ -299,3 +299,25 @@ def test_hit_and_miss_counters(cache: DiscoveryCache, fetch: Fetcher, clock: Clo
 
 def test_default_settings() -> None:
     assert CacheSettings() == CacheSettings(min_ttl=60, max_ttl=86400, negative_ttl=60, stale_ttl=86400)
+
+
+def test_the_cache_keeps_at_most_max_entries_least_recently_used_first():
+    from twisted.internet import defer as _defer
+    from twisted.internet.task import Clock as _Clock
+
+    from fedserver.discovery_cache import CacheSettings as _Settings
+    from fedserver.discovery_cache import DiscoveryCache as _Cache
+
+    fetched = []
+
+    def fetch(name):
+        fetched.append(name)
+        return _defer.succeed((name.upper(), 3600))
+
+    cache = _Cache(_Clock(), fetch, _Settings(max_entries=2))
+    for name in ("a", "b", "a", "c"):  # "b" is then the least recently used
+        cache.get(name)
+    assert len(cache) == 2
+    cache.get("a")
+    cache.get("b")
+    assert fetched == ["a", "b", "c", "b"]

@@ -119,7 +119,7 @@ def test_every_option() -> None:
     "options, message",
     [
         ({"nameserver": ["127.0.0.1"]}, r"\[discovery\] nameserver: is not a known option"),
-        ({"ttl": 60}, r"\[discovery\] ttl: is not a known option here \(known options: max_ttl, min_ttl, "),
+        ({"ttl": 60}, r"\[discovery\] ttl: is not a known option here \(known options: cache_entries, max_ttl, min_ttl, "),
         ({"nameservers": ["ns.example:53"]}, r"\[discovery\] nameservers: 'ns.example:53' is not address:port"),
         ({"nameservers": ["127.0.0.1:99999"]}, r"\[discovery\] nameservers: '127.0.0.1:99999' is not address"),
         ({"nameservers": "127.0.0.1"}, r"\[discovery\] nameservers: must be a list of strings"),
