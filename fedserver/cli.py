@@ -159,10 +159,9 @@ async def _check_domain(reactor: Any, args: argparse.Namespace) -> int:
         if service.context.config.tls.certificate:
             material = service.context.tls_material("fedserver discover")
     else:
-        from fedserver_wire.discovery import SRVDiscovery
-
         from fedserver.addresses import AddressPolicy
         from fedserver.dns import DNSLookup
+        from fedserver_wire.discovery import SRVDiscovery
 
         discovery = SRVDiscovery(DNSLookup(reactor, timeout=args.timeout), AddressPolicy(), reactor)
     report = await check(reactor, discovery, args.domain.lower(), material, timeout=args.timeout)

@@ -332,6 +332,28 @@ def load_config(path: str) -> Config:
     return parse_config(raw, file=path, base_dir=os.path.dirname(path))
 
 
+_LOCAL_INTERFACES = {"127.0.0.1", "::1", "localhost", "0:0:0:0:0:0:0:1"}
+
+
+def listens_locally(description: str) -> bool:
+    """
+    Whether a Twisted server endpoint description listens on this machine
+    only: a UNIX socket, or TCP bound to a loopback interface.  Other
+    endpoint types cannot be judged and count as not local.
+    """
+    kind, _, rest = description.partition(":")
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6"):
+        return False
+    for part in rest.replace("\\:", "\0").split(":"):
+        key, _, value = part.partition("=")
+        if key == "interface":
+            value = value.replace("\0", ":")
+            return value in _LOCAL_INTERFACES or value.startswith("127.")
+    return False
+
+
 def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
     """Validate an already parsed configuration mapping."""
     top = Options(raw, file=file, path="", base_dir=base_dir)
@@ -350,6 +372,14 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
     allow_ip_ranges: List[str] = []
     if outward is not None:
         outward_listen = outward.get_str("listen", None)
+        expose = outward.get_bool("expose", False)
+        if outward_listen and not expose and not listens_locally(outward_listen):
+            raise outward.error(
+                "listen",
+                f"{outward_listen!r} listens beyond this machine, but the outward listener has no "
+                "authentication: anyone reaching it could federate as this backend. Listen on "
+                "127.0.0.1 or ::1 (interface=...), or set expose = true if a firewall guards it",
+            )
         allow_ip_ranges = outward.get_str_list("allow_ip_ranges", [])
         outward.check_all_used()
 
@@ -377,7 +407,10 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
                 "request_timeout", limits.request_timeout, minimum=0.1, maximum=3600
             ),
             connect_timeout=limits_table.get_number(
-                "connect_timeout", limits.connect_timeout, minimum=0.1, maximum=600
+                # unset, it never exceeds the request timeout
+                "connect_timeout",
+                min(limits.connect_timeout, limits_table.get_number("request_timeout", limits.request_timeout)),
+                minimum=0.1, maximum=600,
             ),
             component_timeout=limits_table.get_number(
                 "component_timeout", limits.component_timeout, minimum=0.1, maximum=3600
@@ -390,6 +423,11 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
             ),
         )
         limits_table.check_all_used()
+        if limits.connect_timeout > limits.request_timeout:
+            raise limits_table.error(
+                "connect_timeout",
+                f"({limits.connect_timeout} s) must not exceed request_timeout ({limits.request_timeout} s)",
+            )
 
     storage = top.get_table("storage", None)
     database = f"sqlite:{os.path.join(data_dir, 'fedserver.sqlite')}"

@@ -277,6 +277,8 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
 
     if migrate:
         store.migrate()
+    else:
+        store.check()
 
     in_flight = _InFlight()
 
@@ -306,7 +308,8 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
         service.setServiceParent(top)
     _Drain(reactor, in_flight, [top.inward_factory, outward_connections]).setServiceParent(top)
     if listen:
-        _listener(config.inward_listen, "[inward] listen", top.inward_factory, reactor).setServiceParent(top)
+        _listener(config.inward_listen, "[inward] listen", top.inward_factory, reactor,
+                  tls=inward_factory is not inward_site).setServiceParent(top)
         if config.outward_listen:
             _listener(config.outward_listen, "[outward] listen", outward_connections, reactor).setServiceParent(top)
     return top
@@ -377,7 +380,13 @@ def _connection_gate(authenticator: Any) -> Any:
     return gate
 
 
-def _listener(description: str, key: str, factory: Any, reactor: Any) -> IService:
+def _listener(description: str, key: str, factory: Any, reactor: Any, *, tls: bool = False) -> IService:
+    if tls and description.startswith("ssl:"):
+        raise ConfigError(
+            f"{description!r} would wrap the inward listener in a second TLS layer: the authenticator "
+            "already terminates TLS; use a tcp: endpoint",
+            path=key,
+        )
     try:
         return strports.service(description, factory, reactor=reactor)
     except Exception as e:  # the endpoint parsers raise several kinds

@@ -135,6 +135,39 @@ class Store(Service):
             connection.close()
         return applied
 
+    def check(self) -> None:
+        """
+        What L{migrate} would refuse, without writing anything: a database
+        that cannot be opened or is newer than this code, or a folder where
+        it cannot be created.
+        """
+        if not os.path.exists(self.path):
+            folder = os.path.dirname(os.path.abspath(self.path))
+            while not os.path.exists(folder):
+                folder = os.path.dirname(folder)
+            if not os.access(folder, os.W_OK):
+                raise ConfigError(f"cannot create {self.path}: {folder} is not writable",
+                                  path="[storage] database")
+            return
+        try:
+            connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+                rows = connection.execute("SELECT owner, version FROM fedserver_schema").fetchall()
+            except sqlite3.OperationalError:
+                rows = []  # no schema table yet: migrate will create it
+            finally:
+                connection.close()
+        except sqlite3.Error as e:
+            raise ConfigError(f"cannot open {self.path}: {e}", path="[storage] database") from None
+        for owner, version in rows:
+            known = len(self._schemas.get(owner, ()))
+            if owner in self._schemas and version > known:
+                raise ConfigError(
+                    f"the database has {owner} schema version {version}, but this fedserver knows only up "
+                    f"to {known}: it was used by a newer fedserver",
+                    path="[storage] database",
+                )
+
     def startService(self) -> None:
         super().startService()
         self._pool = adbapi.ConnectionPool(

@@ -16,6 +16,7 @@ trusted as they are: no address policy applies.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Dict, List
 
 from twisted.internet import defer
@@ -48,11 +49,20 @@ class StaticDiscovery:
         return defer.succeed(list(targets))
 
 
+def _host(options: Options, default: str) -> str:
+    host = options.get_str("host", default)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        check_domain(options, "host", host.lower())
+    return host
+
+
 def _target(options: Options, domain: str) -> Target:
     infra = check_domain(options, "infra_domain", options.get_str("infra_domain", domain))
     target = Target(
         infra_domain=infra,
-        host=options.get_str("host", infra),
+        host=_host(options, infra),
         port=options.get_int("port", 443, minimum=1, maximum=65535),
     )
     options.check_all_used()

@@ -187,11 +187,12 @@ class Fedserver:
             if self.outward_port:
                 wait_for_port(self.outward_port, self.process)
         except AssertionError:
+            output = self.output()
             self.stop()
-            raise AssertionError(f"{name} did not start:\n{self.output()}\n{self.log()}") from None
+            raise AssertionError(f"{name} did not start:\n{output}\n{self.log()}") from None
 
     def output(self) -> str:
-        if self.process.poll() is None or self.process.stdout is None:
+        if self.process.poll() is None or self.process.stdout is None or self.process.stdout.closed:
             return ""
         return self.process.stdout.read().decode(errors="replace")
 

@@ -74,7 +74,7 @@ def test_relative_paths_resolve_against_the_configuration_folder(write_config, t
         [inward]
         listen = "tcp:8443"
         [outward]
-        listen = "tcp:8080"
+        listen = "tcp:8080:interface=127.0.0.1"
         [tls]
         certificate = "pki/a.pem"
         private_key = "pki/a.key"
@@ -97,7 +97,7 @@ def test_relative_paths_resolve_against_the_configuration_folder(write_config, t
     assert config.tls.private_key == os.path.join(etc, "pki", "a.key")
     assert config.tls.ca_certificates == (os.path.join(etc, "pki", "ca.pem"), "/abs/ca2.pem")
     assert config.storage_database == "sqlite:" + os.path.join(etc, "db", "fed.sqlite")
-    assert config.outward_listen == "tcp:8080"
+    assert config.outward_listen == "tcp:8080:interface=127.0.0.1"
 
 
 def test_missing_file(tmp_path):
@@ -138,7 +138,7 @@ def test_missing_required_table_is_named(table):
     ],
 )
 def test_unknown_key_names_file_table_and_key(table, key):
-    listen = {"listen": "tcp:1"} if table == "outward" else {}
+    listen = {"listen": "tcp:1:interface=127.0.0.1"} if table == "outward" else {}
     message = config_error({table: {**listen, key: "x"}})
     assert message.startswith(FILE)
     assert f"[{table}] {key}" in message
@@ -184,8 +184,8 @@ def test_bool_is_not_an_integer_nor_an_integer_a_bool():
 
 
 def test_limits_are_read():
-    config = parse({"limits": {"max_body_bytes": 2048, "request_timeout": 5, "component_timeout": 1.5}})
-    assert config.limits == Limits(2048, 5.0, 10.0, 1.5)
+    config = parse({"limits": {"max_body_bytes": 2048, "request_timeout": 15, "component_timeout": 1.5}})
+    assert config.limits == Limits(2048, 15.0, 10.0, 1.5)
     assert isinstance(config.limits.request_timeout, float)
 
 
@@ -325,3 +325,33 @@ def test_component_names_must_fit_the_route(tmp_path):
         parse_config(raw, file="b.toml", base_dir=str(tmp_path))
     raw["components"] = {"brig": {"plugin": "http-forward", "url": "http://127.0.0.1:1"}}
     assert parse_config(raw, file="b.toml", base_dir=str(tmp_path)).components["brig"].name == "brig"
+
+
+@pytest.mark.parametrize(
+    "listen, local",
+    [
+        ("tcp:8080:interface=127.0.0.1", True),
+        ("tcp6:8080:interface=\\:\\:1", True),
+        ("unix:/run/fedserver.sock", True),
+        ("tcp:8080", False),
+        ("tcp:8080:interface=0.0.0.0", False),
+        ("tcp:8080:interface=192.0.2.7", False),
+        ("systemd:domain=INET:index=0", False),
+    ],
+)
+def test_the_outward_listener_stays_on_this_machine_unless_exposed(listen, local):
+    if local:
+        assert parse({"outward": {"listen": listen}}).outward_listen == listen
+    else:
+        assert "listens beyond this machine" in config_error({"outward": {"listen": listen}})
+        assert parse({"outward": {"listen": listen, "expose": True}}).outward_listen == listen
+
+
+def test_connect_timeout_within_the_request_timeout():
+    message = config_error({"limits": {"request_timeout": 5, "connect_timeout": 6}})
+    assert "[limits] connect_timeout: (6.0 s) must not exceed request_timeout (5.0 s)" in message
+
+
+def test_an_unset_connect_timeout_follows_a_short_request_timeout():
+    assert parse({"limits": {"request_timeout": 2}}).limits.connect_timeout == 2.0
+    assert parse({"limits": {}}).limits.connect_timeout == 10.0

@@ -298,3 +298,25 @@ def test_connection_limit_refuses_connections_beyond_it() -> None:
     assert limit.refused == 1
     first.connectionLost(None)
     assert limit.buildProtocol(None) is not None
+
+
+def test_an_ssl_inward_endpoint_would_wrap_tls_twice(config_file: Any) -> None:
+    path = config_file()
+    _rewrite(path, 'listen = "tcp:0"', 'listen = "ssl:0:privateKey=k.pem"')
+    with pytest.raises(ConfigError, match=r"\[inward\] listen: .* second TLS layer"):
+        _build(path)
+
+
+def test_without_migrating_the_database_is_still_checked(config_file: Any, tmp_path: Any) -> None:
+    path = config_file('[identity_providers.users]\nplugin = "named"\nprefix = "u:"\n')
+    plugin = ProtocolPlugin()
+    _build(path, plugin)  # migrates: proto schema version 1
+    database = os.path.join(os.path.dirname(path), "var", "b.example", "fedserver.sqlite")
+    with sqlite3.connect(database) as connection:
+        connection.execute("UPDATE fedserver_schema SET version = 7 WHERE owner = 'proto'")
+    with pytest.raises(ConfigError, match="proto schema version 7, but this fedserver knows only up to 1"):
+        _build(path, ProtocolPlugin(), migrate=False)
+    before = os.stat(database).st_mtime_ns
+    with pytest.raises(ConfigError):
+        _build(path, ProtocolPlugin(), migrate=False)
+    assert os.stat(database).st_mtime_ns == before  # checking writes nothing

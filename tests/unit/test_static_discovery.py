@@ -79,3 +79,18 @@ def test_an_empty_table_knows_nobody():
 def test_bad_tables_name_the_key(domains, expected):
     with pytest.raises(ConfigError, match=expected):
         build(domains)
+
+
+@pytest.mark.parametrize("host, ok", [("127.0.0.1", True), ("::1", True), ("fed.b.example", True),
+                                      ("bad host!", False), ("", False)])
+def test_hosts_are_addresses_or_domain_names(host, ok):
+    from fedserver.builtin.static_discovery import make_static_discovery
+    from fedserver.errors import ConfigError
+    from tests.unit.helpers import options_for
+
+    options = options_for("discovery", {"plugin": "static", "domains": {"b.example": {"host": host, "port": 1}}})
+    if ok:
+        assert make_static_discovery(options, None).table["b.example"][0].host == host
+    else:
+        with pytest.raises(ConfigError, match=r'\[discovery.domains."b.example"\] host'):
+            make_static_discovery(options, None)

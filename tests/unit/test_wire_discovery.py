@@ -9,20 +9,20 @@ from __future__ import annotations
 import textwrap
 from typing import Any, Dict, List, Optional
 
-import fedserver_wire.discovery as wire_discovery
 import pytest
-from fedserver_wire.discovery import SRVDiscovery, make_wire_srv
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
 from zope.interface.verify import verifyObject
 
+import fedserver_wire.discovery as wire_discovery
 from fedserver.discovery_cache import CacheSettings
 from fedserver.errors import ConfigError
 from fedserver.interfaces import IDiscovery
 from fedserver.registry import make_plugin_manager
 from fedserver.service import build_service
 from fedserver.values import Target
+from fedserver_wire.discovery import SRVDiscovery, make_wire_srv
 from tests.unit.helpers import (
     DevPKI,
     assert_no_result,
@@ -119,7 +119,7 @@ def test_every_option() -> None:
     "options, message",
     [
         ({"nameserver": ["127.0.0.1"]}, r"\[discovery\] nameserver: is not a known option"),
-        ({"ttl": 60}, r"\[discovery\] ttl: is not a known option here \(known options: cache_entries, max_ttl, min_ttl, "),
+        ({"ttl": 60}, r"\[discovery\] ttl: is not a known option here \(known options: cache_entries, max_ttl, "),
         ({"nameservers": ["ns.example:53"]}, r"\[discovery\] nameservers: 'ns.example:53' is not address:port"),
         ({"nameservers": ["127.0.0.1:99999"]}, r"\[discovery\] nameservers: '127.0.0.1:99999' is not address"),
         ({"nameservers": "127.0.0.1"}, r"\[discovery\] nameservers: must be a list of strings"),
