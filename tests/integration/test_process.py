@@ -156,8 +156,9 @@ def test_federation_request_command(tmp_path: Any) -> None:
 
 
 def test_shipped_example_runs_and_stops_everything_on_sigterm(tmp_path: Any) -> None:
-    example = shutil.copytree(os.path.join(ROOT, "etc", "example"), tmp_path / "example",
+    example = shutil.copytree(os.path.join(ROOT, "etc", "example"), tmp_path / "etc" / "example",
                               ignore=shutil.ignore_patterns("var"))
+    shutil.copy(os.path.join(ROOT, "etc", "launcher.py"), tmp_path / "etc" / "launcher.py")
     env = dict(os.environ, PATH=os.path.dirname(tool("twistd")) + os.pathsep + os.environ["PATH"])
     process = subprocess.Popen([tool("python"), os.path.join(example, "run.py")],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
