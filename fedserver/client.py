@@ -17,7 +17,7 @@ Failures become labelled L{FederationError}s:
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -341,6 +341,7 @@ class FederationClient:
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
+        self._tls_seen: Dict[str, Any] = {}
         if pool is None:
             pool = web_client.HTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = 16
@@ -353,9 +354,15 @@ class FederationClient:
         Send C{request} to C{target}; fire with its L{Response} whatever the
         status code, or fail with a labelled L{FederationError}.
         """
+        tls = self._tls_for(target)
+        if self._tls_seen.setdefault(target.infra_domain, tls) is not tls:
+            # our certificate or CA certificates changed: connections made and
+            # verified with the old ones are not reused
+            self._tls_seen[target.infra_domain] = tls
+            self.pool.closeCachedConnections()
         agent = web_client.Agent.usingEndpointFactory(
             self._reactor,
-            _TargetEndpoints(self._reactor, target, self._tls_for(target), self.connect_timeout,
+            _TargetEndpoints(self._reactor, target, tls, self.connect_timeout,
                              self.max_body_bytes + HEAD_ALLOWANCE),
             pool=self.pool,
         )

@@ -69,10 +69,15 @@ class PeerCertificate:
     @ivar certificate: the leaf (C{cryptography} certificate).
     @ivar verify_error: C{None} when the chain verified against our CA
         certificates, else why it did not.
+    @ivar chain: the certificates the client sent after the leaf.
+    @ivar context: the OpenSSL context the connection was made with, which
+        tells which version of our TLS material verified it.
     """
 
     certificate: x509.Certificate
     verify_error: Optional[str]
+    chain: Tuple[x509.Certificate, ...] = ()
+    context: Any = attrs.field(default=None, eq=False)
 
     @property
     def fingerprint(self) -> str:
@@ -229,6 +234,26 @@ def _record_verify_result(
     return True
 
 
+def verify_client_chain(material: TLSMaterial, peer: PeerCertificate) -> Optional[str]:
+    """
+    Verify what a client presented against C{material}'s CA certificates
+    now, as the handshake did against the material of its day: C{None} when
+    it verifies (and may authenticate a client), else why not.
+    """
+    store = crypto.X509Store()
+    for ca in material.ca_certificates:
+        store.add_cert(crypto.X509.from_cryptography(ca))
+    leaf = crypto.X509.from_cryptography(peer.certificate)
+    chain = [crypto.X509.from_cryptography(c) for c in peer.chain]
+    try:
+        crypto.X509StoreContext(store, leaf, chain).verify_certificate()
+    except crypto.X509StoreContextError as e:
+        return verify_error_text(e.errors[0])
+    if not has_client_auth_usage(peer.certificate):
+        return verify_error_text(26)
+    return None
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ClientCertificateServerOptions:
     """
@@ -259,6 +284,11 @@ class ClientCertificateServerOptions:
         ctx.set_options(SSL.OP_NO_TICKET)
         self._context = ctx
 
+    @property
+    def context(self) -> SSL.Context:
+        """The OpenSSL context of the connections these settings make."""
+        return self._context
+
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self._context, None)
 
@@ -275,12 +305,14 @@ def peer_certificate(transport: object) -> Optional[PeerCertificate]:
         return None
     if connection in _peers:
         return _peers[connection]
-    cert = connection.get_peer_certificate()
+    cert = connection.get_peer_certificate(as_cryptography=True)
     result = None
     if cert is not None:
         errnum = _verify_errors.get(connection)
+        # OpenSSL lists the leaf first in what a server sees of the chain
+        chain = tuple(c for c in connection.get_peer_cert_chain(as_cryptography=True) or () if c != cert)
         result = PeerCertificate(
-            cert.to_cryptography(), None if errnum is None else verify_error_text(errnum)
+            cert, None if errnum is None else verify_error_text(errnum), chain, connection.get_context()
         )
     _peers[connection] = result
     return result

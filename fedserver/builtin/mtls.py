@@ -34,6 +34,7 @@ from fedserver.tls import (
     TLSMaterial,
     certificate_names,
     has_client_auth_usage,
+    verify_client_chain,
 )
 from fedserver.values import InboundRequest, OutboundRequest, Peer, Target
 
@@ -92,9 +93,14 @@ class MutualTLSAuthenticator:
                 "no client certificate was presented; federation requires mutual TLS",
                 "no-client-certificate",
             )
-        if tls.verify_error is not None:
+        verify_error = tls.verify_error
+        self._refresh()
+        if tls.context is not None and tls.context is not self._server_options.context:
+            # verified with [tls] files that have changed since: judge it by the current ones
+            verify_error = verify_client_chain(self.material, tls)
+        if verify_error is not None:
             raise AuthenticationFailure(
-                f"the client certificate ({_subject(tls)}) is not accepted: {tls.verify_error}"
+                f"the client certificate ({_subject(tls)}) is not accepted: {verify_error}"
             )
         try:
             names = tls.names

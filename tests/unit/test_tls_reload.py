@@ -109,3 +109,71 @@ def test_mtls_authenticator_uses_rotated_certificates_for_new_connections(rotati
     assert authenticator.server_tls_options() is not server_before
     assert authenticator.client_tls_options(target("fed.a.example")) is not client_before
     assert authenticator.material is rotation.files.current
+
+
+def _peer_of(old_options: Any, dev_pki: Any, *, pki_for_peer: Any = None) -> Any:
+    from fedserver.tls import PeerCertificate
+
+    issuer = pki_for_peer or dev_pki
+    leaf = pki.issue(issuer.ca, ["fed.a.example"]).certificate
+    # verified at its handshake under the old settings
+    return PeerCertificate(leaf, None, (issuer.ca.certificate,), old_options.context)
+
+
+def test_a_connection_from_before_a_rotation_is_judged_by_the_current_cas(dev_pki: Any, other_pki: Any) -> None:
+    from fedserver.values import InboundRequest
+
+    cert, key = dev_pki.issue_files("fed.b.example")
+    both = os.path.join(dev_pki.directory, "both-cas.pem")
+    with open(both, "wb") as f:
+        f.write(open(dev_pki.ca_path, "rb").read() + open(other_pki.ca_path, "rb").read())
+    clock = Clock()
+    files = TLSFiles.load(cert, key, [both], clock)
+    authenticator = MutualTLSAuthenticator(files.current, "b.example", files=files)
+    old = authenticator.server_tls_options()
+    ours, theirs = _peer_of(old, dev_pki), _peer_of(old, dev_pki, pki_for_peer=other_pki)
+
+    def authenticate(peer: Any) -> Any:
+        request = InboundRequest(method="POST", path="/federation/brig/x", query="",
+                                 headers=[("Wire-Origin-Domain", "a.example")], body=b"", tls=peer)
+        results: List[Any] = []
+        authenticator.authenticate(request).addBoth(results.append)
+        return results[0]
+
+    assert authenticate(theirs).claimed_domain == "a.example"
+    # the operator stops trusting the other CA
+    _replace(dev_pki.ca_path, both)
+    clock.advance(1)
+    assert authenticator.server_tls_options() is not old
+    refused = authenticate(theirs)
+    refused.trap(Exception)
+    assert refused.value.label == "authentication-failure"
+    assert "not a configured CA" in refused.value.message or "issuer" in refused.value.message
+    assert authenticate(ours).claimed_domain == "a.example"
+
+
+def test_the_client_pool_is_emptied_when_our_tls_settings_change(dev_pki: Any) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.web.client import HTTPConnectionPool
+
+    from fedserver.client import FederationClient
+    from fedserver.values import OutboundRequest
+
+    closed: List[int] = []
+    reactor = MemoryReactorClock()
+
+    class Pool(HTTPConnectionPool):
+        def closeCachedConnections(self) -> Any:
+            closed.append(1)
+            return super().closeCachedConnections()
+
+    material = dev_pki.material("fed.b.example")
+    settings = {"current": material.client_options("fed.a.example")}
+    client = FederationClient(reactor, lambda target: settings["current"], pool=Pool(reactor))
+    request = OutboundRequest(destination="a.example", method="POST", path="/x", headers=())
+    for _ in range(2):
+        client.send(target("fed.a.example"), request).addErrback(lambda f: None)
+    assert closed == []
+    settings["current"] = material.client_options("fed.a.example")
+    client.send(target("fed.a.example"), request).addErrback(lambda f: None)
+    assert closed == [1]
