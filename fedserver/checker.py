@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import attrs
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname
 from twisted.internet import defer, error
@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from fedserver.errors import FederationError
-from fedserver.tls import TLSMaterial, certificate_names, verify_error_text
+from fedserver.tls import TLSMaterial, certificate_names, recording_context, verify_error_of
 from fedserver.values import Target
 
 
@@ -128,27 +128,7 @@ class _CheckingClientTLS:
     """
 
     def __init__(self, material: Optional[TLSMaterial]) -> None:
-        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        if material is not None:
-            ctx.use_certificate(material.chain[0])
-            for extra in material.chain[1:]:
-                ctx.add_extra_chain_cert(extra)
-            ctx.use_privatekey(material.private_key)
-            store = ctx.get_cert_store()
-            assert store is not None
-            for ca in material.ca_certificates:
-                store.add_cert(crypto.X509.from_cryptography(ca))
-        else:
-            ctx.set_default_verify_paths()
-        ctx.set_verify(SSL.VERIFY_PEER, self._verify)
-        self._context = ctx
-        self.errors: Dict[SSL.Connection, int] = {}
-
-    def _verify(self, connection: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int) -> bool:
-        if not ok and connection not in self.errors:
-            self.errors[connection] = errnum
-        return True
+        self._context = recording_context(SSL.TLS_CLIENT_METHOD, material)
 
     def connection_for(self, hostname: str) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
@@ -192,7 +172,6 @@ async def handshake(reactor: Any, target: Target, tls: _CheckingClientTLS, timeo
         matches = True
     except VerificationError:
         matches = False
-    errnum = tls.errors.get(connection)
     return HandshakeReport(
         connected=True,
         protocol=connection.get_protocol_version_name(),
@@ -200,7 +179,7 @@ async def handshake(reactor: Any, target: Target, tls: _CheckingClientTLS, timeo
         subject=leaf.subject.rfc4514_string() if leaf is not None else None,
         not_after=leaf.not_valid_after_utc.isoformat() if leaf is not None else None,
         chain=[c.subject.rfc4514_string() for c in chain],
-        verify_error=None if errnum is None else verify_error_text(errnum),
+        verify_error=verify_error_of(connection),
         name_matches=matches,
     )
 

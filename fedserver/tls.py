@@ -254,6 +254,36 @@ def verify_client_chain(material: TLSMaterial, peer: PeerCertificate) -> Optiona
     return None
 
 
+def recording_context(method: int, material: Optional[TLSMaterial]) -> SSL.Context:
+    """
+    An OpenSSL context for TLS 1.2 or newer that presents C{material}'s
+    certificate, chain and key, verifies the other side against its CA
+    certificates (the system's when C{material} is C{None}) and records the
+    outcome for L{verify_error_of} instead of aborting the handshake.
+    """
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    if material is not None:
+        ctx.use_certificate(material.chain[0])
+        for extra in material.chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(material.private_key)
+        store = ctx.get_cert_store()
+        assert store is not None
+        for ca in material.ca_certificates:
+            store.add_cert(crypto.X509.from_cryptography(ca))
+    else:
+        ctx.set_default_verify_paths()
+    ctx.set_verify(SSL.VERIFY_PEER, _record_verify_result)
+    return ctx
+
+
+def verify_error_of(connection: SSL.Connection) -> Optional[str]:
+    """Why the other side's chain did not verify on C{connection}, or C{None}."""
+    errnum = _verify_errors.get(connection)
+    return None if errnum is None else verify_error_text(errnum)
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ClientCertificateServerOptions:
     """
@@ -263,19 +293,10 @@ class ClientCertificateServerOptions:
 
     def __init__(self, material: TLSMaterial) -> None:
         self.material = material
-        ctx = SSL.Context(SSL.TLS_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx = recording_context(SSL.TLS_METHOD, material)
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
-        ctx.use_certificate(material.chain[0])
-        for extra in material.chain[1:]:
-            ctx.add_extra_chain_cert(extra)
-        ctx.use_privatekey(material.private_key)
-        store = ctx.get_cert_store()
-        assert store is not None
         for ca in material.ca_certificates:
-            store.add_cert(crypto.X509.from_cryptography(ca))
             ctx.add_client_ca(ca)
-        ctx.set_verify(SSL.VERIFY_PEER, _record_verify_result)
         ctx.set_session_id(b"fedserver")
         # No session resumption: a resumed session skips certificate
         # verification, so _record_verify_result would never see a bad
@@ -308,12 +329,9 @@ def peer_certificate(transport: object) -> Optional[PeerCertificate]:
     cert = connection.get_peer_certificate(as_cryptography=True)
     result = None
     if cert is not None:
-        errnum = _verify_errors.get(connection)
         # OpenSSL lists the leaf first in what a server sees of the chain
         chain = tuple(c for c in connection.get_peer_cert_chain(as_cryptography=True) or () if c != cert)
-        result = PeerCertificate(
-            cert, None if errnum is None else verify_error_text(errnum), chain, connection.get_context()
-        )
+        result = PeerCertificate(cert, verify_error_of(connection), chain, connection.get_context())
     _peers[connection] = result
     return result
 

@@ -125,7 +125,8 @@ class Component:
     request; answers with C{answer(path, headers, body) -> (code, document)}.
     """
 
-    def __init__(self, answer: Optional[Callable[[str, Dict[str, str], bytes], Tuple[int, Any]]] = None) -> None:
+    def __init__(self, answer: Optional[Callable[[str, Dict[str, str], bytes], Tuple[int, Any]]] = None, *,
+                 delay: float = 0.0) -> None:
         self.requests: List[Tuple[str, Dict[str, str], bytes]] = []
         self.answer = answer or (lambda path, headers, body: (200, {"path": path}))
         component = self
@@ -137,6 +138,7 @@ class Component:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 component.requests.append((self.path, headers, body))
+                time.sleep(delay)  # a slow component, for requests still in flight
                 code, document = component.answer(self.path, headers, body)
                 data = json.dumps(document).encode()
                 self.send_response(code)

@@ -5,48 +5,17 @@ and delivered, over TLS too, before the process exits.
 
 from __future__ import annotations
 
-import http.server
-import json
 import signal
 import threading
 import time
 from typing import Any
 
-from tests.integration.harness import PKI, Fedserver, backend_config, free_port, post_tls, tls_context
-
-
-class SlowComponent:
-    """Answers after a delay, so that a request is in flight when we stop."""
-
-    def __init__(self, delay: float) -> None:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                time.sleep(delay)
-                data = json.dumps({"slow": True}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+from tests.integration.harness import PKI, Component, Fedserver, backend_config, free_port, post_tls, tls_context
 
 
 def test_a_request_in_flight_is_answered_when_stopping(tmp_path: Any) -> None:
     pki = PKI(str(tmp_path / "pki"))
-    component = SlowComponent(delay=1.5)
+    component = Component(lambda path, headers, body: (200, {"slow": True}), delay=1.5)
     server = Fedserver(str(tmp_path), "b", backend_config(
         "b.example", "fed.b.example", pki=pki, inward_port=free_port(), outward_port=free_port(),
         discovery={"a.example": {"infra_domain": "fed.a.example", "host": "127.0.0.1", "port": 9}},
