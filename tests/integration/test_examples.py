@@ -19,7 +19,7 @@ def test_wire_flows_run_twice_on_the_same_data(tmp_path: Any) -> None:
     etc = tmp_path / "etc"
     shutil.copytree(os.path.join(ROOT, "etc", "wire"), etc / "wire", ignore=shutil.ignore_patterns("var"))
     shutil.copy(os.path.join(ROOT, "etc", "launcher.py"), etc / "launcher.py")
-    for run in range(2):
+    for _attempt in range(2):
         result = subprocess.run([tool("python"), str(etc / "wire" / "flows.py"), "--once"],
                                 capture_output=True, text=True, timeout=180)
         output = result.stdout + result.stderr
