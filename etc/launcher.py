@@ -64,6 +64,7 @@ class Processes:
     def twistd(self, name, *args, ports=()):
         """C{twistd -n ...} logging to C{log_dir}/C{name}.log."""
         log = os.path.join(self.log_dir, f"{name}.log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
         self.start([tool("twistd"), "-n", "--pidfile=", f"--logfile={log}", *args], ports)
         return log
 

@@ -37,7 +37,6 @@ def main():
     check_configs([os.path.join(HERE, f"{domain}.toml") for domain in BACKENDS])
     with Processes(VAR) as processes:
         for domain, (inward, outward, component, users) in BACKENDS.items():
-            os.makedirs(os.path.join(VAR, domain), exist_ok=True)
             processes.start(
                 [sys.executable, os.path.join(HERE, "directory.py"), "--port", str(component),
                  "--domain", domain] + [arg for u in users for arg in ("--user", u)],
