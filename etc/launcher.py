@@ -55,6 +55,9 @@ class Processes:
 
     def start(self, argv, ports=(), timeout=30.0):
         """Start C{argv} and wait until it listens on every port in C{ports}."""
+        for port in ports:
+            if _listening(port):
+                raise SystemExit(f"127.0.0.1:{port} is already in use: is this example running already?")
         process = subprocess.Popen(argv)
         self.running.append(process)
         for port in ports:
@@ -75,14 +78,18 @@ class Processes:
             signal.pause()
 
 
+def _listening(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_for_port(port, process, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"a process exited early with code {process.returncode}: {process.args}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if _listening(port):
+            return
         time.sleep(0.1)
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
