@@ -79,8 +79,9 @@ class Report:
         if good:
             first = good[0].target
             return f"reachable: {first.infra_domain} at {first.host}:{first.port}"
-        reasons = "; ".join(f"{t.target.host}:{t.target.port}: {_problem(t.handshake)}" for t in self.targets)
-        return f"not reachable: {reasons or 'no target'}"
+        reasons = [f"{t.target.host}:{t.target.port}: {_problem(t.handshake)}" for t in self.targets]
+        reasons += [f"{r['target']}: {r['problem']}" for r in self.records if r.get("problem")]
+        return f"not reachable: {'; '.join(reasons) or 'no target'}"
 
     def to_json(self) -> Dict[str, Any]:
         return {

@@ -207,3 +207,36 @@ def test_a_known_peer_is_reached_while_dns_is_down(wire: Dict[str, Any]) -> None
         assert answer["message"] == f"cannot discover c.example: the DNS lookup of {SERVICE}.c.example timed out"
     finally:
         wire["dns"].start()
+
+
+def _discover(wire: Dict[str, Any], domain: str) -> tuple:
+    import json
+    import subprocess
+
+    from tests.integration.harness import tool
+
+    result = subprocess.run(
+        [tool("fedserver"), "discover", "--config", wire["a"].config_path, "--json", "--timeout", "5", domain],
+        capture_output=True, text=True, timeout=60,
+    )
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_discover_shows_the_srv_records_of_a_reachable_domain(wire: Dict[str, Any]) -> None:
+    code, report = _discover(wire, "b.example")
+    assert code == 0, report
+    (record,) = report["records"]
+    assert (record["target"], record["port"], record["allowed"]) == (
+        "fed-b.infra.example", wire["ports"]["b_in"], ["127.0.0.1"])
+    (target,) = report["targets"]
+    assert target["infra_domain"] == "fed-b.infra.example"
+    assert target["handshake"]["ok"] and target["handshake"]["names"] == ["fed-b.infra.example"]
+    assert report["verdict"].startswith("reachable: fed-b.infra.example")
+
+
+def test_discover_explains_an_address_the_policy_refuses(wire: Dict[str, Any]) -> None:
+    code, report = _discover(wire, "private.example")
+    assert code == 1
+    assert report["records"][0]["refused"] == ["10.0.0.1"]
+    assert report["targets"] == []
+    assert "10.0.0.1 is not a public address" in report["verdict"]
