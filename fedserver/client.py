@@ -17,51 +17,24 @@ Failures become labelled L{FederationError}s:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.protocols import policies
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from fedserver.errors import FederationError
+from fedserver.http11 import BadAnswer, BodyTooLarge, ConnectionClosed, HTTP11Pool, encode_request
 from fedserver.values import OutboundRequest, Response, Target
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """Send a request body that is already in memory, in one write."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class BodyTooLarge(Exception):
-    """An answer's body is larger than the limit."""
 
 
 class _LimitedBodyReader(Protocol):
@@ -118,56 +91,6 @@ class _Discard(Protocol):
         self.transport.stopProducing()  # type: ignore[union-attr]
 
 
-#: bytes an answer's status line and headers may take beyond the body limit
-HEAD_ALLOWANCE = 64 * 1024
-
-
-class _BoundedAnswer(policies.ProtocolWrapper):
-    """
-    Cuts a connection whose answer to the last request grows past the
-    limit, so that a remote cannot exhaust memory with endless headers
-    (Twisted's client parser bounds neither their number nor their size).
-    """
-
-    def __init__(self, factory: Any, wrapped: Any, limit: int) -> None:
-        super().__init__(factory, wrapped)
-        self._limit = limit
-        self._received = 0
-        self._exceeded = False
-
-    def write(self, data: bytes) -> None:
-        self._received = 0  # a new request: its answer starts now
-        super().write(data)
-
-    def writeSequence(self, data: Any) -> None:
-        self._received = 0
-        super().writeSequence(data)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._exceeded:
-            return
-        self._received += len(data)
-        if self._received > self._limit:
-            self._exceeded = True
-            self.transport.abortConnection()  # type: ignore[union-attr]
-            return
-        super().dataReceived(data)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if self._exceeded:
-            reason = Failure(BodyTooLarge(self._received))
-        super().connectionLost(reason)
-
-
-class _BoundedAnswers(policies.WrappingFactory):
-    def __init__(self, wrapped: Any, limit: int) -> None:
-        super().__init__(wrapped)
-        self.limit = limit
-
-    def buildProtocol(self, addr: Any) -> Any:
-        return _BoundedAnswer(self, self.wrappedFactory.buildProtocol(addr), self.limit)
-
-
 @implementer(IStreamClientEndpoint)
 class _TLSClientEndpoint:
     """
@@ -175,37 +98,18 @@ class _TLSClientEndpoint:
     injected reactor as the TLS layer's clock.
     """
 
-    def __init__(self, tls: Any, wrapped: IStreamClientEndpoint, clock: Any, answer_limit: int) -> None:
+    def __init__(self, tls: Any, wrapped: IStreamClientEndpoint, clock: Any) -> None:
         self._tls = tls
         self._wrapped = wrapped
         self._clock = clock
-        self._answer_limit = answer_limit
 
     def connect(self, factory: Any) -> Deferred[Any]:
-        bounded_factory = _BoundedAnswers(factory, self._answer_limit)
-        tls_factory = TLSMemoryBIOFactory(self._tls, True, bounded_factory, clock=self._clock)
+        tls_factory = TLSMemoryBIOFactory(self._tls, True, factory, clock=self._clock)
 
         def unwrap(protocol: Any) -> Any:
-            # TLS, then the size bound, then the HTTP protocol the pool wants
-            return protocol.wrappedProtocol.wrappedProtocol
+            return protocol.wrappedProtocol
 
         return self._wrapped.connect(tls_factory).addCallback(unwrap)
-
-
-@implementer(IAgentEndpointFactory)
-class _TargetEndpoints:
-    def __init__(self, reactor: Any, target: Target, tls: Any, connect_timeout: float, answer_limit: int) -> None:
-        self._reactor = reactor
-        self._target = target
-        self._tls = tls
-        self._timeout = connect_timeout
-        self._answer_limit = answer_limit
-
-    def endpointForURI(self, uri: Any) -> Any:
-        tcp = HostnameEndpoint(
-            self._reactor, self._target.host, self._target.port, timeout=self._timeout
-        )
-        return _TLSClientEndpoint(self._tls, tcp, self._reactor, self._answer_limit)
 
 
 class NotDelivered(FederationError):
@@ -278,6 +182,12 @@ def classify_failure(failure: Failure, target: Target) -> FederationError:
                 "federation-remote-error",
                 data=data,
             )
+        if reason.check(BadAnswer):
+            return FederationError(
+                f"{where} answered with malformed HTTP: {_plain(reason.value)}",
+                "federation-remote-error",
+                data=data,
+            )
     for reason in _reasons(failure):
         # error.TimeoutError is the connect timeout (a ConnectError): nothing was sent
         if reason.check(error.TimeoutError):
@@ -291,7 +201,7 @@ def classify_failure(failure: Failure, target: Target) -> FederationError:
                 data=data,
             )
     for reason in _reasons(failure):
-        if reason.check(error.ConnectionLost, error.ConnectionDone,
+        if reason.check(ConnectionClosed, error.ConnectionLost, error.ConnectionDone,
                         web_client.ResponseNeverReceived, web_client.ResponseFailed):
             return FederationError(
                 f"cannot reach {where}: {_plain(reason.value)}",
@@ -320,7 +230,9 @@ def _tls_text(exc: BaseException) -> str:
 
 class FederationClient:
     """
-    Sends L{OutboundRequest}s to L{Target}s over a shared connection pool.
+    Sends L{OutboundRequest}s to L{Target}s over a shared connection pool
+    (L{fedserver.http11}): at most C{max_connections} connections to one
+    target, further requests queued until one is free.
 
     @param tls_for: gives the client TLS settings for a target (the
         authenticator's C{client_tls_options}).
@@ -334,7 +246,8 @@ class FederationClient:
         request_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         max_body_bytes: int = 1024 * 1024,
-        pool: Optional[web_client.HTTPConnectionPool] = None,
+        max_connections: int = 64,
+        idle_timeout: float = 50.0,
     ) -> None:
         self._reactor = reactor
         self._tls_for = tls_for
@@ -342,12 +255,8 @@ class FederationClient:
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
         self._tls_seen: Dict[str, Any] = {}
-        if pool is None:
-            pool = web_client.HTTPConnectionPool(reactor, persistent=True)
-            pool.maxPersistentPerHost = 16
-            pool.cachedConnectionTimeout = 120
-            pool.retryAutomatically = False
-        self.pool = pool
+        self.pool = HTTP11Pool(reactor, max_body=max_body_bytes, max_per_key=max_connections,
+                               idle_timeout=idle_timeout)
 
     def send(self, target: Target, request: OutboundRequest) -> Deferred[Response]:
         """
@@ -356,38 +265,19 @@ class FederationClient:
         """
         tls = self._tls_for(target)
         if self._tls_seen.setdefault(target.infra_domain, tls) is not tls:
-            # our certificate or CA certificates changed: connections made and
-            # verified with the old ones are not reused
+            # our certificate or CA certificates changed: idle connections made
+            # and verified with the old ones are closed, new ones use the new
             self._tls_seen[target.infra_domain] = tls
-            self.pool.closeCachedConnections()
-        agent = web_client.Agent.usingEndpointFactory(
-            self._reactor,
-            _TargetEndpoints(self._reactor, target, tls, self.connect_timeout,
-                             self.max_body_bytes + HEAD_ALLOWANCE),
-            pool=self.pool,
-        )
-        host = target.infra_domain
-        uri = f"https://{host}:{target.port}{request.path}".encode("ascii")
-        headers = Headers()
-        for name, value in request.headers:
-            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
-        producer = BytesProducer(request.body) if request.body or request.method in (
-            "POST", "PUT", "PATCH") else None
-        d = agent.request(request.method.encode("ascii"), uri, headers, producer)
+            self.pool.close()
+        host = target.infra_domain if target.port == 443 else f"{target.infra_domain}:{target.port}"
+        data = encode_request(request.method, request.path, host, request.headers, request.body)
 
-        def got_response(response: Any) -> Deferred[Response]:
-            header_pairs = [
-                (name.decode("latin-1"), value.decode("latin-1"))
-                for name, values in response.headers.getAllRawHeaders()
-                for value in values
-            ]
+        def endpoint() -> Any:
+            tcp = HostnameEndpoint(self._reactor, target.host, target.port, timeout=self.connect_timeout)
+            return _TLSClientEndpoint(tls, tcp, self._reactor)
 
-            def complete(body: bytes) -> Response:
-                return Response(response.code, header_pairs, body)
-
-            return read_body(response, self.max_body_bytes).addCallback(complete)
-
-        d.addCallback(got_response)
+        key = (target.infra_domain, target.host, target.port, id(tls))
+        d = self.pool.request(key, endpoint, data, expect_body=request.method != "HEAD")
         bounded(d, self.request_timeout, self._reactor)
         d.addErrback(self._failed, target)
         return d
@@ -401,5 +291,5 @@ class FederationClient:
         raise classify_failure(failure, target)
 
     def close(self) -> Deferred[None]:
-        """Close every pooled connection."""
-        return self.pool.closeCachedConnections()
+        """Close every idle pooled connection."""
+        return self.pool.close()

@@ -154,22 +154,15 @@ def test_a_connection_from_before_a_rotation_is_judged_by_the_current_cas(dev_pk
 
 def test_the_client_pool_is_emptied_when_our_tls_settings_change(dev_pki: Any) -> None:
     from twisted.internet.testing import MemoryReactorClock
-    from twisted.web.client import HTTPConnectionPool
 
     from fedserver.client import FederationClient
     from fedserver.values import OutboundRequest
 
-    closed: List[int] = []
-    reactor = MemoryReactorClock()
-
-    class Pool(HTTPConnectionPool):
-        def closeCachedConnections(self) -> Any:
-            closed.append(1)
-            return super().closeCachedConnections()
-
     material = dev_pki.material("fed.b.example")
     settings = {"current": material.client_options("fed.a.example")}
-    client = FederationClient(reactor, lambda target: settings["current"], pool=Pool(reactor))
+    client = FederationClient(MemoryReactorClock(), lambda target: settings["current"])
+    closed: List[int] = []
+    client.pool.close = lambda: closed.append(1)  # type: ignore[method-assign,assignment]
     request = OutboundRequest(destination="a.example", method="POST", path="/x", headers=())
     for _ in range(2):
         client.send(target("fed.a.example"), request).addErrback(lambda f: None)
