@@ -25,70 +25,14 @@ from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
-from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from fedserver.errors import FederationError
 from fedserver.http11 import BadAnswer, BodyTooLarge, ConnectionClosed, HTTP11Pool, encode_request
 from fedserver.values import OutboundRequest, Response, Target
-
-
-class _LimitedBodyReader(Protocol):
-    """Collect a response body, giving up past C{limit} bytes."""
-
-    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
-        self._finished = finished
-        self._limit = limit
-        self._parts: List[bytes] = []
-        self._size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._finished.called:
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            self._finished.errback(BodyTooLarge(self._size))
-            self.transport.stopProducing()  # type: ignore[union-attr]
-            return
-        self._parts.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._finished.called:
-            return
-        if reason.check(web_client.ResponseDone, web_client.PotentialDataLoss):
-            self._finished.callback(b"".join(self._parts))
-        else:
-            self._finished.errback(reason)
-
-
-def read_body(response: Any, limit: int) -> Deferred[bytes]:
-    """
-    The body of a Twisted web client response, failing with a
-    C{federation-remote-error} past C{limit} bytes.
-    """
-    if response.length is not UNKNOWN_LENGTH and response.length > limit:
-        response.deliverBody(_Discard())
-        return defer.fail(BodyTooLarge(response.length))
-
-    def stop_reading(_: Deferred[bytes]) -> None:
-        # cancelled (a timeout): drop the connection rather than read on
-        transport: Any = reader.transport
-        if transport is not None:
-            transport.stopProducing()
-
-    finished: Deferred[bytes] = Deferred(stop_reading)
-    reader = _LimitedBodyReader(finished, limit)
-    response.deliverBody(reader)
-    return finished
-
-
-class _Discard(Protocol):
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()  # type: ignore[union-attr]
 
 
 @implementer(IStreamClientEndpoint)

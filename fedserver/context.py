@@ -25,6 +25,9 @@ class Context:
         registers its schema with C{storage.register_schema}.
     @ivar http: a treq-compatible HTTP client with a persistent pool, for
         talking to local services.
+    @ivar component_pool: the L{fedserver.http11.HTTP11Pool} that
+        connections to local components share (the lean client of the hot
+        path).
     @ivar client: the L{fedserver.client.FederationClient} for remote
         backends, once the authenticator is built.
     @ivar pipeline: the L{fedserver.pipeline.Pipeline}, once every provider
@@ -35,6 +38,7 @@ class Context:
     config: Config
     storage: Any
     http: Any
+    component_pool: Any = None
     discovery: Any = None
     authenticator: Any = None
     authorizers: List[Any] = attrs.Factory(list)

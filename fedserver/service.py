@@ -32,6 +32,7 @@ from fedserver.client import FederationClient
 from fedserver.config import Config, load_config
 from fedserver.context import Context
 from fedserver.errors import ConfigError, FederationError
+from fedserver.http11 import HTTP11Pool
 from fedserver.interfaces import IConnectionGate
 from fedserver.inward import InwardFederationResource
 from fedserver.outward import OutwardRPCResource
@@ -218,7 +219,9 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
     http = HTTPClient(
         web_client.Agent(reactor, pool=local_pool, connectTimeout=limits.connect_timeout)
     )
-    context = Context(reactor=reactor, config=config, storage=store, http=http)
+    component_pool = HTTP11Pool(reactor, max_body=limits.max_body_bytes, max_per_key=128,
+                                idle_timeout=min(50.0, limits.idle_timeout))
+    context = Context(reactor=reactor, config=config, storage=store, http=http, component_pool=component_pool)
     context.address_policy  # noqa: B018 - a bad [outward] allow_ip_ranges is reported now
 
     context.discovery = registry.build("discovery", config.discovery, context)
@@ -302,7 +305,7 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
     outward_connections = ConnectionLimit(top.outward_site)
 
     # started in this order, stopped one by one in the reverse order
-    _ClosePools([context.client.close, local_pool.closeCachedConnections]).setServiceParent(top)
+    _ClosePools([context.client.close, local_pool.closeCachedConnections, component_pool.close]).setServiceParent(top)
     store.setServiceParent(top)
     for service in plugin_services:
         service.setServiceParent(top)

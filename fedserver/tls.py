@@ -78,16 +78,25 @@ class PeerCertificate:
     verify_error: Optional[str]
     chain: Tuple[x509.Certificate, ...] = ()
     context: Any = attrs.field(default=None, eq=False)
+    # one PeerCertificate serves every request of its connection: work once
+    _cache: Dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False, init=False)
 
     @property
     def fingerprint(self) -> str:
         """SHA-256 of the leaf in DER, lower-case hex."""
-        return hashlib.sha256(self.certificate.public_bytes(Encoding.DER)).hexdigest()
+        if "fingerprint" not in self._cache:
+            self._cache["fingerprint"] = hashlib.sha256(self.certificate.public_bytes(Encoding.DER)).hexdigest()
+        return self._cache["fingerprint"]
 
     @property
     def names(self) -> frozenset:
-        """The identities the certificate proves; see L{certificate_names}."""
-        return certificate_names(self.certificate)
+        """
+        The identities the certificate proves; see L{certificate_names}.
+        Raises C{ValueError} for a malformed subjectAltName.
+        """
+        if "names" not in self._cache:
+            self._cache["names"] = certificate_names(self.certificate)
+        return self._cache["names"]
 
 
 def certificate_names(cert: x509.Certificate) -> frozenset:

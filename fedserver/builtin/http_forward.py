@@ -17,20 +17,23 @@ C{component-unavailable}.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from fedserver.client import BodyTooLarge, bounded, read_body, was_cancelled
+from fedserver.client import bounded, was_cancelled
 from fedserver.config import Options
 from fedserver.context import Context
 from fedserver.errors import FederationError
 from fedserver.hookspecs import hookimpl
+from fedserver.http11 import BodyTooLarge, HTTP11Pool, encode_request
 from fedserver.interfaces import IComponentHandler
 from fedserver.values import FederatedCall, Response
 
@@ -40,46 +43,38 @@ log = Logger(namespace="fedserver.http_forward")
 @implementer(IComponentHandler)
 class HTTPForwardComponent:
     """
-    @param http: a treq-compatible client (C{treq.HTTPClient}, or
-        C{treq.testing.StubTreq} in tests).
+    @param pool: the L{HTTP11Pool} that connections to local components
+        share.
+    @param endpoint: makes the endpoint of a new connection to the service.
     """
 
-    def __init__(self, name: str, url: str, http: Any, *, timeout: float, max_body_bytes: int,
-                 reactor: Any) -> None:
+    def __init__(self, name: str, url: str, pool: HTTP11Pool, endpoint: Callable[[], Any], *,
+                 timeout: float, reactor: Any) -> None:
         self.name = name
         self.url = url.rstrip("/")
-        self.http = http
+        parts = urlsplit(self.url)
+        self._prefix = parts.path
+        self._host = parts.netloc
+        self._pool = pool
+        self._endpoint = endpoint
         self.timeout = timeout
-        self.max_body_bytes = max_body_bytes
         self.reactor = reactor
 
     def handle(self, call: FederatedCall) -> Deferred[Response]:
-        headers = {
-            "Content-Type": ["application/json"],
-            "Wire-Origin-Domain": [call.origin_domain],
-            "Request-Id": [call.request_id],
-        }
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Wire-Origin-Domain", call.origin_domain),
+            ("Request-Id", call.request_id),
+        ]
         version = call.header("X-Wire-API-Version")
         if version is not None:
-            headers["X-Wire-API-Version"] = [version]
-        d = self.http.post(
-            f"{self.url}/federation/{call.rpc}",
-            data=call.body,
-            headers=headers,
-        )
-        d.addCallback(self._answer)
+            headers.append(("X-Wire-API-Version", version))
+        data = encode_request("POST", f"{self._prefix}/federation/{call.rpc}", self._host, headers, call.body)
+        d = self._pool.request(self.url, self._endpoint, data)
+        d.addCallback(_content_type_only)
         bounded(d, self.timeout, self.reactor)
         d.addErrback(self._failed, call.request_id)
         return d
-
-    def _answer(self, response: Any) -> Deferred[Response]:
-        content_type = response.headers.getRawHeaders(b"content-type", [b"application/json"])[0]
-        headers = [("Content-Type", content_type.decode("latin-1"))]
-
-        def complete(body: bytes) -> Response:
-            return Response(response.code, headers, body)
-
-        return read_body(response, self.max_body_bytes).addCallback(complete)
 
     def _failed(self, failure: Failure, request_id: str) -> None:
         failure.trap(Exception)
@@ -101,6 +96,25 @@ class HTTPForwardComponent:
         )
 
 
+def _content_type_only(response: Response) -> Response:
+    return Response(response.code, [("Content-Type", response.header("Content-Type") or "application/json")],
+                    response.body)
+
+
+def service_endpoint(reactor: Any, url: str, connect_timeout: float) -> Callable[[], Any]:
+    """New connections to the service at C{url}: TCP, or TLS for https (verified against its host)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    tls = optionsForClientTLS(host) if parts.scheme == "https" else None
+
+    def endpoint() -> Any:
+        tcp = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
+        return wrapClientTLS(tls, tcp) if tls is not None else tcp
+
+    return endpoint
+
+
 def make_http_forward(options: Options, context: Context) -> HTTPForwardComponent:
     url = options.get_str("url")
     try:
@@ -114,8 +128,8 @@ def make_http_forward(options: Options, context: Context) -> HTTPForwardComponen
     timeout = options.get_number("timeout", limits.component_timeout, minimum=0.1, maximum=3600)
     name = options.name or options.path
     return HTTPForwardComponent(
-        name, url, context.http, timeout=timeout, max_body_bytes=limits.max_body_bytes,
-        reactor=context.reactor,
+        name, url, context.component_pool, service_endpoint(context.reactor, url, limits.connect_timeout),
+        timeout=timeout, reactor=context.reactor,
     )
 
 

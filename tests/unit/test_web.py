@@ -365,3 +365,22 @@ def test_serve_gives_up_after_the_deadline():
 def test_answers_name_no_software_version():
     conn, _ = served(lambda: defer.succeed(Response(200, [], b"{}")))
     assert conn.answer().header("server") == "fedserver"
+
+
+def test_a_form_encoded_body_stays_a_body_and_the_content_type_is_kept():
+    seen = {}
+
+    class Look(resource.Resource):
+        isLeaf = True
+
+        def render(self, request):
+            seen["args"] = dict(request.args)
+            seen["content-type"] = request.getHeader(b"content-type")
+            seen["body"] = request.content.getvalue()
+            return b"{}"
+
+    conn, _ = connection(Look())
+    conn.request(b"POST", b"/x", body=b"handle=alice",
+                 headers=[(b"Content-Type", b"application/x-www-form-urlencoded")])
+    assert conn.answer().code == 200
+    assert seen == {"args": {}, "content-type": b"application/x-www-form-urlencoded", "body": b"handle=alice"}
