@@ -36,7 +36,7 @@ from fedserver.values import OutboundRequest, Response, Target
 
 
 @implementer(IStreamClientEndpoint)
-class _TLSClientEndpoint:
+class TLSClientEndpoint:
     """
     TLS over another endpoint, like Twisted's C{wrapClientTLS}, but with the
     injected reactor as the TLS layer's clock.
@@ -218,7 +218,7 @@ class FederationClient:
 
         def endpoint() -> Any:
             tcp = HostnameEndpoint(self._reactor, target.host, target.port, timeout=self.connect_timeout)
-            return _TLSClientEndpoint(tls, tcp, self._reactor)
+            return TLSClientEndpoint(tls, tcp, self._reactor)
 
         key = (target.infra_domain, target.host, target.port, id(tls))
         d = self.pool.request(key, endpoint, data, expect_body=request.method != "HEAD")

@@ -126,12 +126,15 @@ class FederationRequest(server.Request):
     def _refuse_early(self, error: FederationError) -> None:
         self._rejected = True
         body = error.to_bytes()
+        # the request line is parsed, but not yet handed to this request
+        channel: Any = self.channel
+        peer = self.getClientAddress()
         log.info(
             "{method} {path} from {peer} -> {code} {label} before reading the body: {message} "
             "[request {request_id}]",
-            method=self.method.decode("latin-1"),
-            path=self.uri.decode("latin-1", "replace")[:200],
-            peer=self.getClientAddress(),
+            method=getattr(channel, "_command", b"?").decode("latin-1", "replace"),
+            path=getattr(channel, "_path", b"?").decode("latin-1", "replace")[:200],
+            peer=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
             code=error.code,
             label=error.label,
             message=error.message,
@@ -143,10 +146,10 @@ class FederationRequest(server.Request):
         # read on while it waits for the peer's close_notify, and TCP flow
         # control now holds the peer back), close through the channel, and cut
         # the connection if the peer does not let it close in time.
-        channel: Any = self.channel
         transport = channel.transport
         transport.write(
             b"HTTP/1.1 %d %s\r\n" % (error.code, reason) +
+            b"Server: " + SERVER_HEADER + b"\r\n"
             b"Content-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n"
             b"Connection: close\r\n\r\n" + body

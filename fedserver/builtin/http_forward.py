@@ -22,13 +22,13 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from fedserver.client import bounded, was_cancelled
+from fedserver.client import TLSClientEndpoint, bounded, was_cancelled
 from fedserver.config import Options
 from fedserver.context import Context
 from fedserver.errors import FederationError
@@ -110,7 +110,7 @@ def service_endpoint(reactor: Any, url: str, connect_timeout: float) -> Callable
 
     def endpoint() -> Any:
         tcp = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
-        return wrapClientTLS(tls, tcp) if tls is not None else tcp
+        return TLSClientEndpoint(tls, tcp, reactor) if tls is not None else tcp
 
     return endpoint
 
@@ -124,6 +124,11 @@ def make_http_forward(options: Options, context: Context) -> HTTPForwardComponen
         raise options.error("url", f"{url!r} is not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise options.error("url", f"must be an http:// or https:// URL without query, not {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise options.error("url", "must not carry credentials (user:password@)")
+    if not url.isascii() or any(c.isspace() for c in url):
+        raise options.error("url", f"{url!r} must be ASCII without spaces: percent-encode the path, "
+                            "use the IDNA form of the host")
     limits = context.config.limits
     timeout = options.get_number("timeout", limits.component_timeout, minimum=0.1, maximum=3600)
     name = options.name or options.path

@@ -27,7 +27,6 @@ from fedserver.client import (
     FederationClient,
     NotDelivered,
     classify_failure,
-    read_body,
 )
 from fedserver.errors import FederationError
 from fedserver.tls import ClientCertificateServerOptions
@@ -126,51 +125,6 @@ class FakeResponse:
             self.protocol.dataReceived(chunk)
         if end is not None:
             self.protocol.connectionLost(Failure(end()))
-
-
-def test_read_body_collects_the_chunks():
-    response = FakeResponse(length=6)
-    d = read_body(response, 10)
-    assert_no_result(d)
-    response.deliver(b"abc", b"def")
-    assert success_result_of(d) == b"abcdef"
-
-
-def test_read_body_accepts_potential_data_loss():
-    response = FakeResponse(length=web_client.UNKNOWN_LENGTH)
-    d = read_body(response, 10)
-    response.deliver(b"abc", end=web_client.PotentialDataLoss)
-    assert success_result_of(d) == b"abc"
-
-
-def test_read_body_refuses_a_declared_length_over_the_limit_unread():
-    response = FakeResponse(length=11)
-    failure_result_of(read_body(response, 10), BodyTooLarge)
-    assert response.transport.producerState == "stopped"
-
-
-def test_read_body_gives_up_when_the_stream_grows_over_the_limit():
-    response = FakeResponse(length=web_client.UNKNOWN_LENGTH)
-    d = read_body(response, 10)
-    response.deliver(b"x" * 6, b"y" * 6, end=None)
-    failure_result_of(d, BodyTooLarge)
-    assert response.transport.producerState == "stopped"
-    response.deliver(b"more")
-
-
-def test_read_body_passes_a_broken_connection_on():
-    response = FakeResponse(length=10)
-    d = read_body(response, 10)
-    response.deliver(b"abc", end=error.ConnectionLost)
-    failure_result_of(d, error.ConnectionLost)
-
-
-def test_read_body_cancelled_stops_reading():
-    response = FakeResponse(length=web_client.UNKNOWN_LENGTH)
-    d = read_body(response, 10)
-    d.cancel()
-    failure_result_of(d, defer.CancelledError)
-    assert response.transport.producerState == "stopped"
 
 
 @pytest.fixture
