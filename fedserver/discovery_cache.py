@@ -7,7 +7,9 @@ A cache for discovery answers, shared by the DNS-based discovery plugins.
    record) is kept for C{negative_ttl}.
  - When a lookup fails (timeout, SERVFAIL), the last positive answer is
    served, stale, for up to C{stale_ttl} after it expired, and the fact is
-   logged: a known peer stays reachable while DNS is down.
+   logged: a known peer stays reachable while DNS is down.  DNS is asked
+   again only after C{negative_ttl}, so calls meanwhile do not each wait
+   for a lookup that times out.
  - Concurrent lookups of one name are merged into one.
 """
 
@@ -125,6 +127,9 @@ class DiscoveryCache(Generic[T]):
                 name=name, error=getattr(error, "message", str(error)),
                 ago=now - (previous.good_until - self.settings.stale_ttl),
             )
+            # serve it without asking DNS again for a while: every call
+            # would otherwise wait for a lookup that is likely to fail too
+            previous.expires = min(now + self.settings.negative_ttl, previous.good_until)
             self._settle(name, previous.good)
             return
         self._settle(name, failure)

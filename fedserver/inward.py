@@ -77,4 +77,6 @@ class InwardFederationResource(RouteResource):
             describe=f"inward {component}/{rpc} from {origin}",
             request_id=request_id,
             only=("content-type",),
+            deadline=self.deadline,
+            clock=self.clock,
         )

@@ -60,6 +60,8 @@ class OutwardRPCResource(RouteResource):
             request_id=request_id,
             only=("content-type",),
             on_error=with_context,
+            deadline=self.deadline,
+            clock=self.clock,
         )
 
     def parse(self, request: server.Request) -> Tuple[str, ...]:

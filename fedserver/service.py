@@ -257,9 +257,12 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
     context.pipeline = pipeline
 
     inward = ListenerRoot("inward listener")
-    inward.mount(b"federation", InwardFederationResource(pipeline, max_body_bytes=limits.max_body_bytes))
+    # a bound on everything a request may wait for: discovery, the remote, the component
+    route = {"max_body_bytes": limits.max_body_bytes, "clock": reactor,
+             "deadline": limits.request_timeout + limits.component_timeout}
+    inward.mount(b"federation", InwardFederationResource(pipeline, **route))
     outward = ListenerRoot("outward listener")
-    outward.mount(b"rpc", OutwardRPCResource(pipeline, max_body_bytes=limits.max_body_bytes))
+    outward.mount(b"rpc", OutwardRPCResource(pipeline, **route))
     roots = {"inward": inward, "outward": outward}
     for listener, segment, child in _flatten(registry.hook.fedserver_resources(context=context)):
         if listener not in roots:

@@ -341,15 +341,20 @@ class RouteResource(resource.Resource, metaclass=abc.ABCMeta):
     the first two steps is answered and logged here.
 
     @cvar request_id_header: where the caller's request id comes from.
+    @ivar deadline: seconds a request may take in all (for L{serve}), or
+        C{None} for none.
     """
 
     isLeaf = True
     request_id_header: bytes = b"request-id"
 
-    def __init__(self, pipeline: Any, *, max_body_bytes: int) -> None:
+    def __init__(self, pipeline: Any, *, max_body_bytes: int, deadline: Optional[float] = None,
+                 clock: Any = None) -> None:
         super().__init__()
         self.pipeline = pipeline
         self.max_body_bytes = max_body_bytes
+        self.deadline = deadline
+        self.clock = clock
 
     def render(self, request: server.Request) -> int:
         request_id = request_id_from(request, self.request_id_header)

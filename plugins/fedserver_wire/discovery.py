@@ -11,6 +11,7 @@ backend's infrastructure domain.
     max_ttl = 86400
     negative_ttl = 60                  # how long "no such record" is kept
     stale_ttl = 86400                  # how long an expired answer serves while DNS fails
+    cache_entries = 10000              # names kept at most (least recently used go first)
 
 Unlike wire-server, which uses the first record only, every record is used:
 targets come in RFC 2782 order (priority, then weighted random), each with

@@ -181,7 +181,10 @@ def test_stale_answer_while_lookups_fail(
     assert event["error"] == "cannot discover b.example: SERVFAIL"
     assert event["ago"] == 50
     assert event["log_level"].name == "warn"
-    # every lookup after expiry tries DNS again before serving stale
+    # for negative_ttl, the stale answer serves without asking DNS again
+    assert success_result_of(cache.get("b.example")) == "known"
+    assert len(fetch.calls) == 2
+    clock.advance(30)
     d = cache.get("b.example")
     assert len(fetch.calls) == 3
     fetch.fail(lookup_failed())
@@ -321,3 +324,32 @@ def test_the_cache_keeps_at_most_max_entries_least_recently_used_first():
     cache.get("a")
     cache.get("b")
     assert fetched == ["a", "b", "c", "b"]
+
+
+def test_while_dns_fails_the_stale_answer_is_served_without_asking_each_time():
+    from twisted.internet import defer as _defer
+    from twisted.internet.task import Clock as _Clock
+
+    from fedserver.discovery_cache import CacheSettings as _Settings
+    from fedserver.discovery_cache import DiscoveryCache as _Cache
+    from fedserver.errors import DiscoveryFailure as _Failure
+
+    clock = _Clock()
+    asked = []
+    answers = [_defer.succeed(("targets", 10))]
+
+    def fetch(name):
+        asked.append(clock.seconds())
+        return answers.pop(0) if answers else _defer.fail(_Failure("DNS is down"))
+
+    cache = _Cache(clock, fetch, _Settings(min_ttl=10, negative_ttl=30))
+    cache.get("b.example")
+    clock.advance(11)  # expired: the refresh fails, the stale answer serves
+    results = []
+    cache.get("b.example").addCallback(results.append)
+    clock.advance(10)
+    cache.get("b.example").addCallback(results.append)  # within negative_ttl: not asked
+    clock.advance(25)
+    cache.get("b.example").addCallback(results.append)  # asked again, still stale
+    assert results == ["targets", "targets", "targets"]
+    assert asked == [0, 11, 46]
