@@ -10,7 +10,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -e '.[test,dev]' --config-settings editable_mode=strict
 
 echo "== ruff"
-.venv/bin/ruff check fedserver plugins twisted tests etc docs/examples
+.venv/bin/ruff check fedserver plugins twisted tests etc bench docs/examples
 echo "== mypy"
 .venv/bin/mypy fedserver plugins/*/
 echo "== pytest"
