@@ -122,6 +122,9 @@ class FederatedCall(_HeaderLookup):
     @ivar rpc: the RPC name, e.g. C{get-user-by-handle}.
     @ivar request_id: carried end to end and logged on every line.
     @ivar peer: the authenticated L{Peer} (inbound only).
+    @ivar path: the request path as received, for protocols whose routes are
+        paths rather than a component and an RPC (Matrix).
+    @ivar query: the raw query string, if any (without C{?}).
     """
 
     origin_domain: str
@@ -133,6 +136,8 @@ class FederatedCall(_HeaderLookup):
     body: bytes
     request_id: str
     peer: Optional[Peer] = None
+    path: str = ""
+    query: str = ""
 
 
 @attrs.frozen
