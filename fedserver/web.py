@@ -125,9 +125,9 @@ class FederationRequest(server.Request):
 
     def _refuse_early(self, error: FederationError) -> None:
         self._rejected = True
-        body = error.to_bytes()
         # the request line is parsed, but not yet handed to this request
         channel: Any = self.channel
+        answer = error_response_for(channel.site.resource, getattr(channel, "_path", b""), error)
         peer = self.getClientAddress()
         log.info(
             "{method} {path} from {peer} -> {code} {label} before reading the body: {message} "
@@ -140,7 +140,8 @@ class FederationRequest(server.Request):
             message=error.message,
             request_id=request_id_from(self, b"request-id"),
         )
-        reason = http.RESPONSES.get(error.code, b"Refused")
+        reason = http.RESPONSES.get(answer.code, b"Refused")
+        body = answer.body
         # The request was never dispatched, so answer on the raw transport,
         # stop reading from the socket at once (a TLS transport would otherwise
         # read on while it waits for the peer's close_notify, and TCP flow
@@ -148,7 +149,7 @@ class FederationRequest(server.Request):
         # the connection if the peer does not let it close in time.
         transport = channel.transport
         transport.write(
-            b"HTTP/1.1 %d %s\r\n" % (error.code, reason) +
+            b"HTTP/1.1 %d %s\r\n" % (answer.code, reason) +
             b"Server: " + SERVER_HEADER + b"\r\n"
             b"Content-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n"
@@ -224,7 +225,25 @@ def write_response(request: server.Request, response: Response, *, only: Optiona
     request.finish()
 
 
-def refuse(request: server.Request, error: FederationError, request_id: str) -> int:
+def labelled_json(error: FederationError) -> Response:
+    """C{error} as fedserver's labelled JSON answer."""
+    return Response(error.code, [("Content-Type", "application/json")], error.to_bytes())
+
+
+def error_response_for(root: Any, path: bytes, error: FederationError) -> Response:
+    """
+    C{error} as the resource serving C{path} wants errors to look: a route
+    mounted under the first path segment may define C{render_error(error)}
+    (Matrix routes answer Matrix errors); otherwise labelled JSON.
+    """
+    segment = path.split(b"?", 1)[0].split(b"/")[1:2]
+    child = getattr(root, "children", {}).get(segment[0]) if segment else None
+    render = getattr(child, "render_error", None)
+    return render(error) if render is not None else labelled_json(error)
+
+
+def refuse(request: server.Request, error: FederationError, request_id: str,
+           render_error: Callable[[FederationError], Response] = labelled_json) -> int:
     """
     Answer a request that was refused before any work started (a bad route,
     a body over the limit), logging it like any other; returns
@@ -233,16 +252,14 @@ def refuse(request: server.Request, error: FederationError, request_id: str) -> 
     method = request.method.decode("latin-1", "replace")
     path = request.path.decode("latin-1", "replace")[:200]
     _log_outcome(f"{method} {path}", request_id, error.code, error.label, time.monotonic(), error.message)
-    write_error(request, error)
+    write_error(request, error, render_error)
     return server.NOT_DONE_YET
 
 
-def write_error(request: server.Request, error: FederationError) -> None:
-    """Send C{error} as labelled JSON."""
-    write_response(
-        request,
-        Response(error.code, [("Content-Type", "application/json")], error.to_bytes()),
-    )
+def write_error(request: server.Request, error: FederationError,
+                render_error: Callable[[FederationError], Response] = labelled_json) -> None:
+    """Send C{error}, by default as labelled JSON."""
+    write_response(request, render_error(error))
 
 
 def serve(
@@ -255,6 +272,7 @@ def serve(
     on_error: Callable[[FederationError], FederationError] = lambda e: e,
     deadline: Optional[float] = None,
     clock: Any = None,
+    render_error: Callable[[FederationError], Response] = labelled_json,
 ) -> int:
     """
     Run C{work} for C{request} and send its L{Response}, or the labelled
@@ -306,7 +324,7 @@ def serve(
                 "internal-error",
             )
         _log_outcome(describe, request_id, error.code, error.label, started, error.message)
-        write_error(request, error)
+        write_error(request, error, render_error)
 
     d.addCallback(done)
     d.addErrback(failed)
