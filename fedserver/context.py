@@ -32,6 +32,9 @@ class Context:
         backends, once the authenticator is built.
     @ivar pipeline: the L{fedserver.pipeline.Pipeline}, once every provider
         is built (for the resource and service hooks).
+    @ivar plugin_state: where a plugin's hooks keep what they share (the
+        resource hook builds something the service hook runs), under keys
+        named after the plugin.
     """
 
     reactor: Any
@@ -46,6 +49,7 @@ class Context:
     components: Dict[str, Any] = attrs.Factory(dict)
     client: Any = None
     pipeline: Any = None
+    plugin_state: Dict[str, Any] = attrs.Factory(dict)
     _tls: Optional[TLSFiles] = None
     _address_policy: Optional[AddressPolicy] = None
 

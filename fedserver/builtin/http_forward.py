@@ -53,8 +53,10 @@ class HTTPForwardComponent:
         self.name = name
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
-        self._prefix = parts.path
-        self._host = parts.netloc
+        #: the URL's path, which every request path is put under
+        self.prefix = parts.path
+        #: the Host header of requests to the service
+        self.host = parts.netloc
         self._pool = pool
         self._endpoint = endpoint
         self.timeout = timeout
@@ -69,11 +71,19 @@ class HTTPForwardComponent:
         version = call.header("X-Wire-API-Version")
         if version is not None:
             headers.append(("X-Wire-API-Version", version))
-        data = encode_request("POST", f"{self._prefix}/federation/{call.rpc}", self._host, headers, call.body)
-        d = self._pool.request(self.url, self._endpoint, data)
+        data = encode_request("POST", f"{self.prefix}/federation/{call.rpc}", self.host, headers, call.body)
+        return self.send(data, call.request_id)
+
+    def send(self, data: bytes, request_id: str, *, expect_body: bool = True) -> Deferred[Response]:
+        """
+        Send an encoded request to the service within the timeout; fire with
+        its status, body and Content-Type, or fail with
+        C{component-unavailable} (the details logged under C{request_id}).
+        """
+        d = self._pool.request(self.url, self._endpoint, data, expect_body=expect_body)
         d.addCallback(_content_type_only)
         bounded(d, self.timeout, self.reactor)
-        d.addErrback(self._failed, call.request_id)
+        d.addErrback(self._failed, request_id)
         return d
 
     def _failed(self, failure: Failure, request_id: str) -> None:

@@ -1,0 +1,41 @@
+"""
+Matrix's error format: C{{"errcode": "M_...", "error": "..."}}.
+
+Every labelled fedserver error becomes the Matrix error a Matrix peer (or a
+homeserver behind fedserver) expects; the label stays in C{fedserver_label}.
+An error may carry its own C{errcode} and C{matrix_status} (the X-Matrix
+authenticator's failures do).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, Tuple
+
+from fedserver.errors import FederationError
+from fedserver.values import Response
+
+#: label -> (status, errcode)
+ERRCODES: Dict[str, Tuple[int, str]] = {
+    "request-too-large": (413, "M_TOO_LARGE"),
+    "invalid-json": (400, "M_NOT_JSON"),
+    "authentication-failure": (401, "M_UNAUTHORIZED"),
+    "validation-error": (401, "M_UNAUTHORIZED"),
+    "federation-denied": (403, "M_FORBIDDEN"),
+    "invalid-endpoint": (404, "M_UNRECOGNIZED"),
+    "unknown-component": (404, "M_UNRECOGNIZED"),
+}
+
+
+def matrix_response(status: int, errcode: str, message: str, **extra: object) -> Response:
+    """A Matrix error answer."""
+    body = {"errcode": errcode, "error": message, **extra}
+    return Response(status, [("Content-Type", "application/json")], json.dumps(body).encode())
+
+
+def matrix_error(error: FederationError) -> Response:
+    """C{error} as the Matrix error answer."""
+    status, errcode = ERRCODES.get(error.label, (error.code, "M_UNKNOWN"))
+    status = getattr(error, "matrix_status", None) or status
+    errcode = getattr(error, "errcode", None) or errcode
+    return matrix_response(status, errcode, error.message, fedserver_label=error.label)

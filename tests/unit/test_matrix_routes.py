@@ -1,0 +1,226 @@
+"""
+The Matrix federation routes and transactions (L{fedserver_matrix.routes},
+L{fedserver_matrix.transactions}, L{fedserver_matrix.errors}) driven through
+a real L{FederationSite}, with fake providers and a synchronous store.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from types import SimpleNamespace
+from typing import Any, List, Sequence
+
+import pytest
+from fedserver_matrix.errors import matrix_error
+from fedserver_matrix.routes import MatrixInward, MatrixOutward, MatrixRoot
+from fedserver_matrix.transactions import MAX_EDUS, MAX_PDUS, REPLAY_FOR_MS, Transactions
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from fedserver.builtin.allow_list import AllowList
+from fedserver.config import Limits
+from fedserver.errors import AuthenticationFailure, FederationError
+from fedserver.pipeline import Pipeline
+from fedserver.values import Peer, Response, Target
+from fedserver.web import ListenerRoot
+from tests.unit.helpers import FakeClient, FakeComponent, FakeDiscovery, HTTPConnection, json_response, site_for
+
+
+class SyncStore:
+    """The three storage methods Transactions uses, on in-memory SQLite, synchronously."""
+
+    def __init__(self) -> None:
+        self.db = sqlite3.connect(":memory:")
+
+    def register_schema(self, owner: str, steps: Sequence[str]) -> None:
+        for step in steps:
+            self.db.executescript(step)
+
+    def run_query(self, sql: str, params: Sequence[Any] = ()) -> Deferred:
+        return defer.succeed(self.db.execute(sql, params).fetchall())
+
+    def run_operation(self, sql: str, params: Sequence[Any] = ()) -> Deferred:
+        self.db.execute(sql, params)
+        return defer.succeed(None)
+
+
+class SignatureAuthenticator:
+    """Accepts a request whose X-Test-Origin header names the origin (as X-Matrix would prove)."""
+
+    def server_tls_options(self) -> None:
+        return None
+
+    def client_tls_options(self, target: Target) -> None:
+        return None
+
+    def authenticate(self, request: Any) -> Deferred:
+        origin = request.header("X-Test-Origin")
+        if origin is None:
+            return defer.fail(AuthenticationFailure("no X-Matrix signature"))
+        return defer.succeed(Peer(identities={origin}, claimed_domain=origin, domain_proven=True))
+
+    def prepare_outbound(self, request: Any, target: Target) -> Deferred:
+        return defer.succeed(request.with_header("Authorization", "X-Matrix signed"))
+
+
+def make_rig(component: Any = None, client: Any = None) -> Any:
+    clock = Clock()
+    component = component or FakeComponent(json_response(200, {"ok": True}))
+    client = client or FakeClient()
+    pipeline = Pipeline(
+        backend_domain="a.example", discovery=FakeDiscovery({"b.example": [Target("b.example", "127.0.0.1", 8448)]}),
+        authenticator=SignatureAuthenticator(), authorizers=[AllowList(frozenset({"b.example", "c.example"}))],
+        components={"matrix": component}, client=client,
+    )
+    config = SimpleNamespace(limits=Limits(max_body_bytes=4000))
+    context = SimpleNamespace(pipeline=pipeline, reactor=clock, config=config)
+    transactions = Transactions(SyncStore(), clock)
+    inward, outward = ListenerRoot("inward listener"), ListenerRoot("outward listener")
+    inward.mount(b"_matrix", MatrixRoot(MatrixInward(context, "a.example", transactions)))
+    outward.mount(b"_matrix", MatrixRoot(MatrixOutward(context, "a.example")))
+    return SimpleNamespace(clock=clock, component=component, client=client, transactions=transactions,
+                           inward=site_for(inward, max_body_bytes=4000), outward=site_for(outward, max_body_bytes=4000))
+
+
+def ask(site: Any, method: bytes, path: bytes, body: bytes = b"", headers: List = ()) -> Any:  # type: ignore[assignment]
+    connection = HTTPConnection.to(site)
+    connection.request(method, path, body, headers)
+    return connection.answer()
+
+
+def matrix(answer: Any, status: int, errcode: str) -> dict:
+    body = answer.json()
+    assert (answer.code, body["errcode"]) == (status, errcode), body
+    assert isinstance(body["error"], str) and body["error"]
+    return body
+
+
+FROM_B = [(b"X-Test-Origin", b"b.example")]
+
+
+def test_an_authenticated_request_reaches_the_component_as_it_came():
+    rig = make_rig()
+    answer = ask(rig.inward, b"GET", b"/_matrix/federation/v1/query/profile?user_id=%40a%3Aa.example&field=x", b"",
+                 FROM_B)
+    assert answer.code == 200 and answer.json() == {"ok": True}
+    (call,) = rig.component.calls
+    assert (call.method, call.path, call.query) == ("GET", "/_matrix/federation/v1/query/profile",
+                                                    "user_id=%40a%3Aa.example&field=x")
+    assert (call.origin_domain, call.target_domain, call.rpc) == ("b.example", "a.example", "query")
+
+
+@pytest.mark.parametrize(
+    "method, path, body, headers, status, errcode",
+    [
+        (b"GET", b"/_matrix/federation/v1/version", b"", [], 401, "M_UNAUTHORIZED"),
+        (b"GET", b"/_matrix/federation/v1/version", b"", [(b"X-Test-Origin", b"evil.example")], 403, "M_FORBIDDEN"),
+        (b"PUT", b"/_matrix/federation/v1/send/1", b"{not json", FROM_B, 400, "M_NOT_JSON"),
+        (b"GET", b"/_matrix/client/v3/sync", b"", FROM_B, 404, "M_UNRECOGNIZED"),
+        (b"GET", b"/_matrix/federationx", b"", FROM_B, 404, "M_UNRECOGNIZED"),
+    ],
+)
+def test_refusals_are_matrix_errors(method, path, body, headers, status, errcode):
+    matrix(ask(make_rig().inward, method, path, body, headers), status, errcode)
+
+
+def test_an_oversized_body_is_m_too_large_before_it_is_read():
+    rig = make_rig()
+    connection = HTTPConnection.to(rig.inward)
+    connection.send(b"PUT /_matrix/federation/v1/send/1 HTTP/1.1\r\nHost: a\r\nContent-Length: 9999\r\n\r\n")
+    body = matrix(connection.answer(), 413, "M_TOO_LARGE")
+    assert body["fedserver_label"] == "request-too-large"
+
+
+def transaction(pdus: int = 1, edus: int = 0) -> bytes:
+    return json.dumps({"origin": "b.example", "pdus": [{}] * pdus, "edus": [{}] * edus}).encode()
+
+
+@pytest.mark.parametrize("pdus, edus", [(MAX_PDUS + 1, 0), (0, MAX_EDUS + 1)])
+def test_a_transaction_over_the_limits_is_refused(pdus, edus):
+    rig = make_rig()
+    matrix(ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(pdus, edus), FROM_B), 400,
+           "M_BAD_JSON")
+    assert rig.component.calls == []
+
+
+def test_a_repeated_transaction_is_answered_from_the_first_result():
+    rig = make_rig(FakeComponent(json_response(200, {"pdus": {"$e": {}}})))
+    first = ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B)
+    again = ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B)
+    assert first.json() == again.json() == {"pdus": {"$e": {}}}
+    assert len(rig.component.calls) == 1
+    # another origin may use the same id; after 24 h the id is new again
+    ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), [(b"X-Test-Origin", b"c.example")])
+    assert len(rig.component.calls) == 2
+    rig.clock.advance(REPLAY_FOR_MS / 1000 + 1)
+    ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B)
+    assert len(rig.component.calls) == 3
+
+
+def test_a_failed_transaction_is_processed_again():
+    component = FakeComponent(json_response(500, {"errcode": "M_UNKNOWN"}))
+    rig = make_rig(component)
+    ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B)
+    component.answer = json_response(200, {"pdus": {}})
+    assert ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B).code == 200
+    assert len(component.calls) == 2
+
+
+def test_one_transaction_in_flight_per_origin():
+    pending: Deferred = Deferred()
+    rig = make_rig(FakeComponent(pending))
+    first = HTTPConnection.to(rig.inward)
+    first.request(b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B)
+    matrix(ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t2", transaction(), FROM_B), 429,
+           "M_LIMIT_EXCEEDED")
+    pending.callback(json_response(200, {"pdus": {}}))
+    assert first.answer().code == 200
+    rig.component.answer = json_response(200, {"pdus": {}})
+    assert ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t2", transaction(), FROM_B).code == 200
+
+
+def test_pruning_forgets_answers_older_than_the_window():
+    rig = make_rig()
+    ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B)
+    rig.clock.advance(REPLAY_FOR_MS / 1000 + 1)
+    rig.transactions.prune()
+    assert rig.transactions._store.db.execute("SELECT COUNT(*) FROM matrix_transactions").fetchone() == (0,)
+
+
+def test_the_homeserver_sends_through_the_outward_route():
+    client = FakeClient(outcomes={"127.0.0.1": json_response(404, {"errcode": "M_NOT_FOUND", "error": "no"})})
+    rig = make_rig(client=client)
+    answer = ask(rig.outward, b"GET", b"/_matrix/federation/v1/query/profile?user_id=%40b%3Ab.example", b"",
+                 [(b"X-Matrix-Destination", b"b.example")])
+    # the remote's answer comes back as it is, errors included
+    assert (answer.code, answer.json()) == (404, {"errcode": "M_NOT_FOUND", "error": "no"})
+    ((target, request),) = client.sent
+    assert (target.infra_domain, request.destination) == ("b.example", "b.example")
+    assert request.path == "/_matrix/federation/v1/query/profile?user_id=%40b%3Ab.example"
+    assert request.header("Authorization") == "X-Matrix signed"
+
+
+@pytest.mark.parametrize(
+    "headers, status, errcode",
+    [([], 404, "M_UNRECOGNIZED"), ([(b"X-Matrix-Destination", b"evil.example")], 403, "M_FORBIDDEN")],
+)
+def test_outward_refusals(headers, status, errcode):
+    rig = make_rig()
+    matrix(ask(rig.outward, b"GET", b"/_matrix/federation/v1/version", b"", headers), status, errcode)
+    assert rig.client.sent == []
+
+
+def test_errors_carry_their_own_errcode_and_status():
+    error = FederationError("bad header", "authentication-failure")
+    error.errcode, error.matrix_status = "M_UNAUTHORIZED", 400  # type: ignore[attr-defined]
+    answer = matrix_error(error)
+    assert (answer.code, json.loads(answer.body)["errcode"]) == (400, "M_UNAUTHORIZED")
+    assert json.loads(matrix_error(FederationError("x", "internal-error")).body)["errcode"] == "M_UNKNOWN"
+
+
+def test_the_component_answer_keeps_only_its_content_type():
+    rig = make_rig(FakeComponent(Response(200, [("Content-Type", "application/json"), ("X-Secret", "1")], b"{}")))
+    answer = ask(rig.inward, b"GET", b"/_matrix/federation/v1/version", b"", FROM_B)
+    assert answer.header("x-secret") is None
