@@ -212,7 +212,7 @@ class FederationClient:
             # our certificate or CA certificates changed: idle connections made
             # and verified with the old ones are closed, new ones use the new
             self._tls_seen[target.infra_domain] = tls
-            self.pool.close()
+            self.pool.close(lambda key: isinstance(key, tuple) and key[0] == target.infra_domain)
         host = target.infra_domain if target.port == 443 else f"{target.infra_domain}:{target.port}"
         data = encode_request(request.method, request.path, host, request.headers, request.body)
 

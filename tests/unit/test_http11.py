@@ -8,6 +8,7 @@ from typing import Any, List
 
 import pytest
 from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -242,3 +243,119 @@ def test_close_closes_idle_connections():
     pool.close()
     assert endpoint.connections[0].transport.disconnecting
     assert not clock.getDelayedCalls()
+
+
+# found in review: each of these once went wrong
+
+
+def test_cancelling_a_waiter_whose_connection_is_being_made_cancels_that_attempt():
+    clock = Clock()
+    attempts: List[Deferred] = []
+
+    class Slow:
+        def connect(self, factory: Any) -> Deferred:
+            d: Deferred = Deferred()
+            attempts.append(d)
+            return d
+
+    endpoint = Endpoint()
+    pool = HTTP11Pool(clock, max_body=1000, max_per_key=1)
+    first = pool.request("k", lambda: endpoint, b"R1")
+    waiting = pool.request("k", lambda: Slow(), b"R2")
+    endpoint.connections[0].connectionLost(Failure(error.ConnectionLost()))  # frees the slot
+    failure_result_of(first, ConnectionClosed)
+    assert len(attempts) == 1  # a connection is being made for the waiter
+    waiting.cancel()  # must not raise
+    failure_result_of(waiting)
+    assert attempts[0].called
+
+
+def test_an_expiring_connection_is_never_handed_out_again():
+    clock, endpoint = Clock(), Endpoint()
+    pool = HTTP11Pool(clock, max_body=1000, max_per_key=2, idle_timeout=50)
+    d = pool.request("k", lambda: endpoint, b"R")
+    answer(endpoint.connections[0])
+    success_result_of(d)
+    clock.advance(50)  # closing, its peer has not yet closed its side
+    pool.request("k", lambda: endpoint, b"R")
+    assert len(endpoint.connections) == 2
+
+
+def test_closing_idle_connections_keeps_the_count_right():
+    clock, endpoint = Clock(), Endpoint()
+    pool = HTTP11Pool(clock, max_body=1000, max_per_key=2)
+    requests = [pool.request("k", lambda: endpoint, b"R") for _ in range(2)]
+    for connection in endpoint.connections:
+        answer(connection)
+    for d in requests:
+        success_result_of(d)
+    pool.close()
+    for connection in endpoint.connections:
+        connection.connectionLost(Failure(error.ConnectionDone()))
+    # two more may open, not four
+    for _ in range(3):
+        pool.request("k", lambda: endpoint, b"R")
+    assert len(endpoint.connections) == 4
+
+
+def test_close_can_select_keys():
+    clock, endpoint = Clock(), Endpoint()
+    pool = HTTP11Pool(clock, max_body=1000)
+    for key in ("a", "b"):
+        d = pool.request(key, lambda: endpoint, b"R")
+        answer(endpoint.connections[-1])
+        success_result_of(d)
+    pool.close(lambda key: key == "a")
+    assert endpoint.connections[0].transport.disconnecting
+    assert not endpoint.connections[1].transport.disconnecting
+
+
+def test_a_chunked_answer_in_tiny_reads_is_linear():
+    import time
+
+    connection, _ = connected(max_body=100_000)
+    d = ask(connection)
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    data = b"".join(b"10\r\n" + b"x" * 16 + b"\r\n" for _ in range(2000)) + b"0\r\n\r\n"
+    started = time.process_time()
+    for i in range(0, len(data), 7):
+        connection.dataReceived(data[i:i + 7])
+    assert len(success_result_of(d).body) == 32000
+    # quadratic parsing took seconds here; linear takes milliseconds
+    assert time.process_time() - started < 2
+
+
+@pytest.mark.parametrize(
+    "answer_bytes",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+        b"HTTP/1.1 " + b"2" * 5000 + b" OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\n",
+    ],
+)
+def test_ambiguous_or_absurd_framing_is_a_bad_answer(answer_bytes):
+    connection, transport = connected()
+    d = ask(connection)
+    connection.dataReceived(answer_bytes)
+    assert failure_result_of(d, BadAnswer)
+    assert transport.disconnected
+
+
+def test_endless_trailers_are_too_large():
+    connection, _ = connected()
+    d = ask(connection)
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")
+    for _ in range(10000):
+        connection.dataReceived(b"X-T: v\r\n")
+        if d.called:
+            break
+    assert failure_result_of(d, BodyTooLarge)
+
+
+@pytest.mark.parametrize("method, path", [("GET\r\nX", "/"), ("GET", "/a b"), ("GET", "/\u00e4")])
+def test_a_method_or_path_that_cannot_be_sent_is_refused(method, path):
+    with pytest.raises(ValueError, match="not visible ASCII"):
+        encode_request(method, path, "h", [], b"")

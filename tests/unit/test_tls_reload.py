@@ -162,7 +162,7 @@ def test_the_client_pool_is_emptied_when_our_tls_settings_change(dev_pki: Any) -
     settings = {"current": material.client_options("fed.a.example")}
     client = FederationClient(MemoryReactorClock(), lambda target: settings["current"])
     closed: List[int] = []
-    client.pool.close = lambda: closed.append(1)  # type: ignore[method-assign,assignment]
+    client.pool.close = lambda keys=None: closed.append(1)  # type: ignore[method-assign,assignment]
     request = OutboundRequest(destination="a.example", method="POST", path="/x", headers=())
     for _ in range(2):
         client.send(target("fed.a.example"), request).addErrback(lambda f: None)
