@@ -13,6 +13,7 @@ a certificate that verifies and names its infrastructure domain.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, List, Optional
 
 import attrs
@@ -46,10 +47,13 @@ class HandshakeReport:
     verify_error: Optional[str] = None
     name_matches: bool = False
     error: Optional[str] = None
+    #: why the remote refused our client certificate, when it did
+    refused_us: Optional[str] = None
 
     @property
     def ok(self) -> bool:
-        return self.connected and self.verify_error is None and self.name_matches and self.error is None
+        return (self.connected and self.verify_error is None and self.name_matches and self.error is None
+                and self.refused_us is None)
 
 
 @attrs.frozen
@@ -104,22 +108,63 @@ def _problem(h: HandshakeReport) -> str:
         return f"the certificate does not verify: {h.verify_error}"
     if not h.name_matches:
         return "the certificate does not name the infrastructure domain"
+    if h.refused_us:
+        return f"it does not accept our certificate ({h.refused_us})"
     return "?"
+
+
+#: how much of the remote's answer to our probe request is read
+_PROBE_ANSWER = 64 * 1024
+#: labels with which a fedserver peer refuses our client certificate
+_REFUSED_US = ("no-client-certificate", "authentication-failure", "certificate-parse-error")
 
 
 @implementer(IHandshakeListener)
 class _Handshake(Protocol):
-    def __init__(self, done: Deferred[None]) -> None:
+    """
+    Completes the handshake, then sends one request and reads the answer:
+    under TLS 1.3 the server judges our certificate only after our side of
+    the handshake is done, so only what follows tells whether it accepted us.
+    """
+
+    def __init__(self, done: Deferred[None], answered: Deferred[bytes], host: str) -> None:
         self.done = done
+        self.answered = answered
+        self.host = host
+        self.received = b""
 
     def handshakeCompleted(self) -> None:
         if not self.done.called:
             self.done.callback(None)
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.write(  # type: ignore[union-attr]
+            b"GET / HTTP/1.1\r\nHost: " + self.host.encode("idna") + b"\r\nConnection: close\r\n\r\n"
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if len(self.received) >= _PROBE_ANSWER:
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         if not self.done.called:
             self.done.errback(reason)
+        elif not self.answered.called:
+            if self.received or reason.check(error.ConnectionDone):
+                self.answered.callback(self.received)
+            else:
+                self.answered.errback(reason)
+
+
+def refusal_of(answer: bytes) -> Optional[str]:
+    """Why a fedserver-like peer refused our certificate, from its answer, if it did."""
+    _, _, body = answer.partition(b"\r\n\r\n")
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(document, dict) and document.get("label") in _REFUSED_US:
+        return f"{document['label']}: {document.get('message', '')}"
+    return None
 
 
 class _CheckingClientTLS:
@@ -154,7 +199,10 @@ async def handshake(reactor: Any, target: Target, tls: _CheckingClientTLS, timeo
     """Connect to C{target}, complete a TLS handshake, and describe it."""
     creator = _Creator(tls, target.infra_domain)
     done: Deferred[None] = Deferred()
-    factory = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: _Handshake(done)), clock=reactor)
+    answered: Deferred[bytes] = Deferred()
+    factory = TLSMemoryBIOFactory(
+        creator, True, Factory.forProtocol(lambda: _Handshake(done, answered, target.infra_domain)), clock=reactor
+    )
     endpoint = HostnameEndpoint(reactor, target.host, target.port, timeout=timeout)
     try:
         connecting = endpoint.connect(factory)
@@ -164,6 +212,12 @@ async def handshake(reactor: Any, target: Target, tls: _CheckingClientTLS, timeo
         await done
     except Exception as e:  # every way a connection can fail is a finding
         return HandshakeReport(connected=False, error=_describe_failure(e))
+    refused: Optional[str] = None
+    try:
+        answered.addTimeout(timeout, reactor)
+        refused = refusal_of(await answered)
+    except Exception as e:
+        refused = f"the remote ended the connection after the handshake: {_describe_failure(e)}"
     connection = creator.connection
     assert connection is not None
     leaf = connection.get_peer_certificate(as_cryptography=True)
@@ -182,6 +236,7 @@ async def handshake(reactor: Any, target: Target, tls: _CheckingClientTLS, timeo
         chain=[c.subject.rfc4514_string() for c in chain],
         verify_error=verify_error_of(connection),
         name_matches=matches,
+        refused_us=refused,
     )
 
 
@@ -246,6 +301,7 @@ def format_report(report: Report) -> str:
         lines.append(f"  expires {h.not_after}; chain: {' <- '.join(h.chain)}")
         lines.append(f"  chain verifies: {'yes' if h.verify_error is None else 'no, ' + h.verify_error}")
         lines.append(f"  names {t.target.infra_domain}: {'yes' if h.name_matches else 'no'}")
+        lines.append(f"  accepts our certificate: {'yes' if h.refused_us is None else 'no, ' + h.refused_us}")
     lines.append(f"verdict: {report.verdict}")
     return "\n".join(lines)
 

@@ -448,3 +448,33 @@ def test_a_peer_without_certificate_is_refused_before_its_body(federation: Dict[
                 received += chunk
     status, answer = _status_and_json(received)
     assert (status, answer["label"]) == (403, "no-client-certificate")
+
+
+def test_discover_notices_when_the_peer_refuses_our_certificate(federation: Dict[str, Any], tmp_path: Any) -> None:
+    """Under TLS 1.3 a refusal of our certificate comes only after the handshake."""
+    import subprocess
+
+    from tests.integration.harness import tool, to_toml
+
+    other = PKI(str(tmp_path / "stranger-pki"), "stranger CA")
+    cert, key = other.issue("fed.a.example", ["fed.a.example"])
+    config = {
+        "server": {"backend_domain": "a.example", "infra_domain": "fed.a.example"},
+        "inward": {"listen": "tcp:1:interface=127.0.0.1"},
+        # we trust b's CA, but b does not trust ours
+        "tls": {"certificate": cert, "private_key": key, "ca_certificates": [federation["pki"].ca_path]},
+        "discovery": {"plugin": "static", "domains": {"b.example": {
+            "infra_domain": "fed.b.example", "host": "127.0.0.1", "port": federation["b"].inward_port}}},
+        "authenticator": {"plugin": "mtls"},
+        "authorizers": [{"plugin": "allow-list", "allow_all": True}],
+    }
+    path = tmp_path / "stranger.toml"
+    path.write_text(to_toml(config))
+    result = subprocess.run([tool("fedserver"), "discover", "--config", str(path), "--json", "b.example"],
+                            capture_output=True, text=True, timeout=60)
+    report = json.loads(result.stdout)
+    assert result.returncode == 1, report
+    handshake = report["targets"][0]["handshake"]
+    assert handshake["verify_error"] is None and handshake["name_matches"]
+    assert handshake["refused_us"].startswith("authentication-failure")
+    assert "does not accept our certificate" in report["verdict"]
