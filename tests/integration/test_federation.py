@@ -454,7 +454,7 @@ def test_discover_notices_when_the_peer_refuses_our_certificate(federation: Dict
     """Under TLS 1.3 a refusal of our certificate comes only after the handshake."""
     import subprocess
 
-    from tests.integration.harness import tool, to_toml
+    from tests.integration.harness import to_toml, tool
 
     other = PKI(str(tmp_path / "stranger-pki"), "stranger CA")
     cert, key = other.issue("fed.a.example", ["fed.a.example"])
