@@ -57,7 +57,16 @@ def make_allow_list(options: Options, context: object) -> AllowList:
         raise options.error("domains", "is required (or allow_all = true)")
     if allow_all:
         return AllowList(None)
-    return AllowList(frozenset(check_domain(options, "domains", d.lower()) for d in domains))
+    return AllowList(frozenset(_server_name(options, d.lower()) for d in domains))
+
+
+def _server_name(options: Options, name: str) -> str:
+    # a domain, or a Matrix server name with its port (localhost:8448)
+    host, sep, port = name.rpartition(":") if ":" in name else (name, "", "")
+    if sep and not (port.isdigit() and 0 < int(port) < 65536):
+        raise options.error("domains", f"{name!r} is not a domain or domain:port")
+    check_domain(options, "domains", host)
+    return name
 
 
 @hookimpl

@@ -75,3 +75,16 @@ def test_allow_all():
 def test_bad_options(values, expected):
     with pytest.raises(ConfigError, match=expected):
         build(**values)
+
+
+def test_matrix_server_names_with_a_port_may_be_listed():
+    from fedserver.builtin.allow_list import make_allow_list
+    from fedserver.errors import ConfigError
+    from tests.unit.helpers import options_for
+
+    allowed = make_allow_list(options_for("authorizers[0]", {"plugin": "allow-list",
+                                                             "domains": ["localhost:8448", "b.example"]}), None)
+    assert allowed.domains == frozenset({"localhost:8448", "b.example"})
+    for bad in ("localhost:0", "localhost:x", "bad name:1"):
+        with pytest.raises(ConfigError, match=r"\[authorizers\[0\]\] domains"):
+            make_allow_list(options_for("authorizers[0]", {"plugin": "allow-list", "domains": [bad]}), None)
