@@ -32,6 +32,7 @@ from fedserver.tls import peer_certificate
 from fedserver.values import FederatedCall, InboundRequest, OutboundRequest, Response
 from fedserver.web import body_of, refuse, request_id_from, serve
 from fedserver_matrix.errors import matrix_error
+from fedserver_matrix.keyserver import KeyServer
 from fedserver_matrix.transactions import Transactions
 
 #: C{PUT /_matrix/federation/v1/send/{txnId}}
@@ -167,12 +168,13 @@ class MatrixOutward(MatrixRoute):
 
 
 class MatrixRoot(resource.Resource):
-    """C{/_matrix/...}: the federation routes (and the key server, when mounted)."""
+    """C{/_matrix/...}: the federation routes, and on the inward listener the key server."""
 
-    def __init__(self, federation: MatrixRoute) -> None:
+    def __init__(self, federation: MatrixRoute, keys: Any = None) -> None:
         super().__init__()
         self.putChild(b"federation", federation)
-        self._federation = federation
+        if keys is not None:
+            self.putChild(b"key", keys)
 
     def render_error(self, error: FederationError) -> Response:
         return matrix_error(error)
@@ -206,7 +208,8 @@ def fedserver_resources(context: Any) -> List[Tuple[str, bytes, resource.IResour
     transactions = Transactions(context.storage, context.reactor)
     context.plugin_state["matrix.transactions"] = transactions
     return [
-        ("inward", b"_matrix", MatrixRoot(MatrixInward(context, name, transactions))),
+        ("inward", b"_matrix", MatrixRoot(MatrixInward(context, name, transactions),
+                                          KeyServer(context.authenticator))),
         ("outward", b"_matrix", MatrixRoot(MatrixOutward(context, name))),
     ]
 

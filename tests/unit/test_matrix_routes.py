@@ -224,3 +224,32 @@ def test_the_component_answer_keeps_only_its_content_type():
     rig = make_rig(FakeComponent(Response(200, [("Content-Type", "application/json"), ("X-Secret", "1")], b"{}")))
     answer = ask(rig.inward, b"GET", b"/_matrix/federation/v1/version", b"", FROM_B)
     assert answer.header("x-secret") is None
+
+
+class Keys:
+    def server_keys_json(self) -> bytes:
+        return b'{"server_name":"a.example"}'
+
+
+@pytest.mark.parametrize(
+    "method, path, status, document",
+    [
+        (b"GET", b"/_matrix/key/v2/server", 200, {"server_name": "a.example"}),
+        (b"GET", b"/_matrix/key/v2/server/ed25519:a", 200, {"server_name": "a.example"}),
+        (b"POST", b"/_matrix/key/v2/server", 405, None),
+        (b"GET", b"/_matrix/key/v1/server", 404, None),
+    ],
+)
+def test_the_key_server(method, path, status, document):
+    from fedserver_matrix.keyserver import KeyServer
+
+    rig = make_rig()
+    root = ListenerRoot("inward listener")
+    federation = rig.inward.resource.children[b"_matrix"].children[b"federation"]
+    root.mount(b"_matrix", MatrixRoot(federation, KeyServer(Keys())))
+    answer = ask(site_for(root), method, path)
+    assert answer.code == status
+    if document is not None:
+        assert answer.json() == document
+    else:
+        assert answer.json()["errcode"] in ("M_UNRECOGNIZED",)
