@@ -6,6 +6,7 @@ The C{fedserver} command: operator tools over the library.
     fedserver federation-request --config FILE [--method M] [--body JSON] DESTINATION PATH
     fedserver discover [--config FILE] [--json] DOMAIN
     fedserver dev-pki DIR --domain NAME [--domain NAME ...]
+    fedserver generate-signing-key [--key-version VERSION] FILE
 """
 
 from __future__ import annotations
@@ -179,6 +180,26 @@ def _dev_pki(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_signing_key(args: argparse.Namespace) -> int:
+    from fedserver_matrix.keys import KeyFormatError, generate_signing_key, key_id_of, write_signing_keys
+
+    try:
+        key = generate_signing_key(args.key_version)
+        write_signing_keys(args.file, [key])
+    except KeyFormatError as e:
+        print(f"fedserver: --key-version: {e}", file=sys.stderr)
+        return 2
+    except FileExistsError:
+        print(f"fedserver: {args.file} exists; a signing key is never overwritten (move it away first)",
+              file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"fedserver: cannot write {args.file}: {e.strerror}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: Matrix signing key {key_id_of(key)}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedserver", description="fedserver operator tools")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -216,6 +237,14 @@ def make_parser() -> argparse.ArgumentParser:
     pki.add_argument("directory", metavar="DIR")
     pki.add_argument("--domain", action="append", required=True, metavar="NAME")
     pki.set_defaults(run=_dev_pki)
+
+    signing_key = commands.add_parser(
+        "generate-signing-key", help="write a new Matrix signing key file (Synapse's format, mode 0600)"
+    )
+    signing_key.add_argument("--key-version", metavar="VERSION",
+                             help="the key version: letters, digits and _ (default: a_ and 4 random characters)")
+    signing_key.add_argument("file", metavar="FILE")
+    signing_key.set_defaults(run=_generate_signing_key)
     return parser
 
 

@@ -10,7 +10,11 @@ A cache for discovery answers, shared by the DNS-based discovery plugins.
    logged: a known peer stays reachable while DNS is down.  DNS is asked
    again only after C{negative_ttl}, so calls meanwhile do not each wait
    for a lookup that times out.
+ - A failed lookup with no answer to serve stale is passed on, and kept
+   for C{failure_ttl} when that is set (by default it is not kept).
  - Concurrent lookups of one name are merged into one.
+
+L{cache_settings} reads these bounds from a discovery plugin's options.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fedserver.config import Options
 from fedserver.errors import DiscoveryFailure
 
 log = Logger(namespace="fedserver.discovery")
@@ -40,6 +45,9 @@ class CacheSettings:
     #: names kept at most; the least recently used goes first (peers choose
     #: the origin domains we look up, so the cache must not grow unbounded)
     max_entries: int = 10000
+    #: how long a failed lookup (not C{invalid-domain}) is kept when there is
+    #: no answer to serve stale; 0: not kept, the next call asks again
+    failure_ttl: float = 0.0
 
 
 @attrs.define
@@ -132,4 +140,22 @@ class DiscoveryCache(Generic[T]):
             previous.expires = min(now + self.settings.negative_ttl, previous.good_until)
             self._settle(name, previous.good)
             return
+        if self.settings.failure_ttl > 0 and isinstance(error, DiscoveryFailure):
+            self._store(name, _Entry(None, error, now + self.settings.failure_ttl))
         self._settle(name, failure)
+
+
+def cache_settings(options: Options) -> CacheSettings:
+    """
+    The cache options of a discovery plugin's table (seconds): C{min_ttl},
+    C{max_ttl}, C{negative_ttl}, C{stale_ttl} and C{cache_entries}.
+    """
+    default = CacheSettings()
+    values: Dict[str, float] = {
+        key: options.get_number(key, getattr(default, key), minimum=0, maximum=30 * 86400)
+        for key in ("min_ttl", "max_ttl", "negative_ttl", "stale_ttl")
+    }
+    if values["min_ttl"] > values["max_ttl"]:
+        raise options.error("min_ttl", f"must not exceed max_ttl ({values['max_ttl']})")
+    max_entries = options.get_int("cache_entries", default.max_entries, minimum=1, maximum=10_000_000)
+    return CacheSettings(**values, max_entries=max_entries)

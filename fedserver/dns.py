@@ -3,7 +3,8 @@ DNS for discovery: SRV and address lookups on L{twisted.names}, and the
 RFC 2782 ordering of SRV records.
 
 The resolver is pinned: with C{nameservers} it asks exactly those servers,
-otherwise those of C{/etc/resolv.conf}; it never falls back elsewhere.  Every
+otherwise, like the system, C{/etc/hosts} and then the servers of
+C{/etc/resolv.conf}; it never falls back elsewhere.  Every
 lookup is bounded by a timeout.  Failures are sorted into what the caller
 must tell apart:
 
@@ -11,6 +12,8 @@ must tell apart:
    (NXDOMAIN): the domain does not federate;
  - L{LookupFailed}: the lookup itself failed (timeout, SERVFAIL, refused):
    the answer is unknown, and a cached answer may still serve.
+
+L{dns_lookup} builds a L{DNSLookup} from a discovery plugin's options.
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ from typing import Any, List, Optional, Sequence, Tuple
 import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.names import client, dns
+from twisted.names import client, dns, hosts, resolve
 from twisted.names import error as dns_error
 from twisted.python.failure import Failure
+
+from fedserver.config import Options
+
+#: the hosts file consulted when no nameservers are pinned
+HOSTS_FILE = "/etc/hosts"
 
 
 class NoRecords(Exception):
@@ -120,6 +128,10 @@ class DNSLookup:
             # be asked
             count = len(resolver.servers) + len(resolver.dynServers)
             resolver.timeout = (timeout / max(1, count),)
+            if not nameservers:
+                # as the system resolves: the hosts file first (localhost and
+                # the operator's own entries), then the resolv.conf servers
+                resolver = resolve.ResolverChain([hosts.Resolver(file=HOSTS_FILE), resolver])
         self.resolver = resolver
 
     def _bounded(self, d: Deferred[Any], name: str) -> Deferred[Any]:
@@ -173,6 +185,19 @@ class DNSLookup:
             raise NoRecords(f"{host} has no A or AAAA record")
 
         return d.addCallback(combine)
+
+
+def dns_lookup(options: Options, context: Any) -> DNSLookup:
+    """
+    The C{nameservers} and C{timeout} options of a discovery plugin's table
+    as a L{DNSLookup} on C{context.reactor}.
+    """
+    try:
+        servers = parse_nameservers(options.get_str_list("nameservers", []))
+    except ValueError as e:
+        raise options.error("nameservers", str(e)) from None
+    timeout = options.get_number("timeout", 5.0, minimum=0.1, maximum=60)
+    return DNSLookup(context.reactor, servers, timeout=timeout)
 
 
 def _classify(failure: Failure, name: str) -> None:

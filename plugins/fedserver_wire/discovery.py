@@ -31,8 +31,8 @@ from zope.interface import implementer
 
 from fedserver.addresses import AddressPolicy
 from fedserver.config import Options
-from fedserver.discovery_cache import CacheSettings, DiscoveryCache
-from fedserver.dns import DNSLookup, LookupFailed, NoRecords, SRVRecord, order_srv, parse_nameservers
+from fedserver.discovery_cache import CacheSettings, DiscoveryCache, cache_settings
+from fedserver.dns import DNSLookup, LookupFailed, NoRecords, SRVRecord, dns_lookup, order_srv
 from fedserver.errors import DiscoveryFailure
 from fedserver.hookspecs import hookimpl
 from fedserver.interfaces import IDiscovery
@@ -131,29 +131,6 @@ class SRVDiscovery:
         refused = tuple(a for a, _ in found if not self.policy.allows(a))
         problem = "; ".join(self.policy.reason(a) for a in refused) if not allowed else ""
         return ResolvedRecord(record, allowed, refused, problem)
-
-
-def dns_lookup(options: Options, context: Any) -> DNSLookup:
-    """The C{nameservers} and C{timeout} options as a L{DNSLookup}."""
-    try:
-        servers = parse_nameservers(options.get_str_list("nameservers", []))
-    except ValueError as e:
-        raise options.error("nameservers", str(e)) from None
-    timeout = options.get_number("timeout", 5.0, minimum=0.1, maximum=60)
-    return DNSLookup(context.reactor, servers, timeout=timeout)
-
-
-def cache_settings(options: Options) -> CacheSettings:
-    """The cache options (seconds)."""
-    default = CacheSettings()
-    values: Dict[str, float] = {
-        key: options.get_number(key, getattr(default, key), minimum=0, maximum=30 * 86400)
-        for key in ("min_ttl", "max_ttl", "negative_ttl", "stale_ttl")
-    }
-    if values["min_ttl"] > values["max_ttl"]:
-        raise options.error("min_ttl", f"must not exceed max_ttl ({values['max_ttl']})")
-    max_entries = options.get_int("cache_entries", default.max_entries, minimum=1, maximum=10_000_000)
-    return CacheSettings(**values, max_entries=max_entries)
 
 
 def make_wire_srv(options: Options, context: Any) -> SRVDiscovery:

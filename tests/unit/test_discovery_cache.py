@@ -156,6 +156,38 @@ def test_any_other_error_is_passed_on_uncached(cache: DiscoveryCache, fetch: Fet
     assert_no_result(cache.get("b.example"))
 
 
+def test_a_failed_lookup_is_kept_for_failure_ttl(clock: Clock, fetch: Fetcher) -> None:
+    cache = DiscoveryCache(clock, fetch, CacheSettings(min_ttl=10, failure_ttl=100))
+    d = cache.get("b.example")
+    fetch.fail(lookup_failed())
+    labelled_failure(d, "discovery-failure")
+    clock.advance(99)
+    assert labelled_failure(cache.get("b.example"), "discovery-failure").message == (
+        "cannot discover b.example: SERVFAIL")
+    assert len(fetch.calls) == 1
+    clock.advance(1)
+    assert_no_result(cache.get("b.example"))
+    assert len(fetch.calls) == 2
+
+
+def test_failure_ttl_does_not_hide_a_stale_answer(clock: Clock, fetch: Fetcher) -> None:
+    cache = DiscoveryCache(clock, fetch, CacheSettings(min_ttl=10, max_ttl=10, negative_ttl=5, stale_ttl=100,
+                                                       failure_ttl=1000))
+    cache.get("b.example")
+    fetch.answer("targets", 10)
+    clock.advance(10)
+    d = cache.get("b.example")
+    fetch.fail(lookup_failed())
+    assert success_result_of(d) == "targets"
+    clock.advance(105)  # the stale answer is over: now the failure is kept
+    d = cache.get("b.example")
+    fetch.fail(lookup_failed())
+    labelled_failure(d, "discovery-failure")
+    clock.advance(999)
+    labelled_failure(cache.get("b.example"), "discovery-failure")
+    assert len(fetch.calls) == 3
+
+
 def test_a_fetch_that_raises_is_a_failed_lookup(clock: Clock) -> None:
     def fetch(name: str) -> Deferred:
         raise DiscoveryFailure("cannot discover")
@@ -301,7 +333,8 @@ def test_hit_and_miss_counters(cache: DiscoveryCache, fetch: Fetcher, clock: Clo
 
 
 def test_default_settings() -> None:
-    assert CacheSettings() == CacheSettings(min_ttl=60, max_ttl=86400, negative_ttl=60, stale_ttl=86400)
+    assert CacheSettings() == CacheSettings(min_ttl=60, max_ttl=86400, negative_ttl=60, stale_ttl=86400,
+                                            failure_ttl=0)
 
 
 def test_the_cache_keeps_at_most_max_entries_least_recently_used_first():

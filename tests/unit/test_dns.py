@@ -421,11 +421,14 @@ def test_pinned_servers_only() -> None:
 def test_system_servers_when_none_is_pinned() -> None:
     reactor = UDPReactor()
     lookup = DNSLookup(reactor, timeout=4)
-    assert lookup.resolver.resolv == "/etc/resolv.conf"
-    count = len(lookup.resolver.dynServers)
+    # as the system resolves: the hosts file, then the resolv.conf servers
+    hosts_file, servers = lookup.resolver.resolvers
+    assert hosts_file.file == b"/etc/hosts" or hosts_file.file == "/etc/hosts"
+    assert servers.resolv == "/etc/resolv.conf"
+    count = len(servers.dynServers)
     assert count >= 1
-    assert lookup.resolver.timeout == (4 / count,)
-    lookup.resolver._parseCall.cancel()
+    assert servers.timeout == (4 / count,)
+    servers._parseCall.cancel()
 
 
 def test_real_resolver_answer() -> None:

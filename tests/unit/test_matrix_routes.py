@@ -12,9 +12,6 @@ from types import SimpleNamespace
 from typing import Any, List, Sequence
 
 import pytest
-from fedserver_matrix.errors import matrix_error
-from fedserver_matrix.routes import MatrixInward, MatrixOutward, MatrixRoot
-from fedserver_matrix.transactions import MAX_EDUS, MAX_PDUS, REPLAY_FOR_MS, Transactions
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -25,6 +22,9 @@ from fedserver.errors import AuthenticationFailure, FederationError
 from fedserver.pipeline import Pipeline
 from fedserver.values import Peer, Response, Target
 from fedserver.web import ListenerRoot
+from fedserver_matrix.errors import matrix_error
+from fedserver_matrix.routes import MatrixInward, MatrixOutward, MatrixRoot
+from fedserver_matrix.transactions import MAX_EDUS, MAX_PDUS, REPLAY_FOR_MS, Transactions
 from tests.unit.helpers import FakeClient, FakeComponent, FakeDiscovery, HTTPConnection, json_response, site_for
 
 

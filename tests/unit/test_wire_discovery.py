@@ -102,7 +102,7 @@ def test_defaults() -> None:
     discovery = build({"nameservers": []})
     assert discovery.cache.settings == CacheSettings()
     assert discovery.lookup.timeout == 5.0
-    assert discovery.lookup.resolver.resolv == "/etc/resolv.conf"
+    assert discovery.lookup.resolver.resolvers[1].resolv == "/etc/resolv.conf"
     assert discovery.service == "_wire-server-federator._tcp"
 
 
