@@ -280,6 +280,39 @@ class Keyring:
         usable = self._usable(server_name, key_ids, when)
         if len(usable) == len(set(key_ids)):
             return usable
+        await self._refresh(server_name, key_ids, notaries)
+        usable = self._usable(server_name, key_ids, when)
+        if not usable and server_name in self._last_error:
+            raise KeyLookupError(f"cannot get the keys of {server_name}: {self._last_error[server_name]}")
+        return usable
+
+    def keys_for_notary(
+        self, server_name: str, key_ids: Iterable[str], valid_at: int
+    ) -> Deferred[Dict[str, ServerKey]]:
+        """
+        For our notary: every key known of C{server_name} (stored ones
+        included), after fetching the server's keys if one of C{key_ids} is
+        not known and valid at C{valid_at} (ms) -- with no key ids, if no
+        current key of the server is.  What cannot be fetched is not an error:
+        the keys known before (possibly expired) are the answer, possibly
+        none.
+        """
+        return Deferred.fromCoroutine(self._for_notary(server_name, list(key_ids), valid_at))
+
+    async def _for_notary(self, server_name: str, key_ids: List[str], valid_at: int) -> Dict[str, ServerKey]:
+        await self._load(server_name)
+        if key_ids:
+            enough = len(self._usable(server_name, key_ids, valid_at)) == len(set(key_ids))
+        else:
+            # a key the server no longer lists stays known: one current key valid then will do
+            current = [k.key_id for k in self._keys.get(server_name, {}).values() if k.expired_ts is None]
+            enough = bool(self._usable(server_name, current, valid_at))
+        if not enough:
+            await self._refresh(server_name, key_ids, notaries=True)
+        return self.known_keys(server_name)
+
+    async def _refresh(self, server_name: str, key_ids: List[str], notaries: bool) -> None:
+        """Fetch the keys of C{server_name}, joining a fetch under way, unless it was asked too recently."""
         fetch = self._fetches.get(server_name)
         last = self._last_fetch.get(server_name)
         if fetch is None and (last is None or self._clock.seconds() - last >= self.refetch_interval):
@@ -288,10 +321,6 @@ class Keyring:
                 self._fetches[server_name] = fetch
         if fetch is not None:
             await fetch.wait()
-        usable = self._usable(server_name, key_ids, when)
-        if not usable and server_name in self._last_error:
-            raise KeyLookupError(f"cannot get the keys of {server_name}: {self._last_error[server_name]}")
-        return usable
 
     def _usable(self, server_name: str, key_ids: Iterable[str], when: int) -> Dict[str, VerifyKey]:
         known = self._keys.get(server_name, {})

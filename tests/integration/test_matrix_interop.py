@@ -14,8 +14,10 @@ import urllib.parse
 from typing import Any, Dict, Iterator
 
 import pytest
+from signedjson.key import decode_verify_key_bytes
+from signedjson.sign import verify_signed_json
 
-from fedserver_matrix.keys import generate_signing_key, write_signing_keys
+from fedserver_matrix.keys import decode_base64, generate_signing_key, write_signing_keys
 from tests.integration.harness import PKI, Component, Fedserver, free_port, post, post_tls, tls_context
 from tests.integration.synapse import SynapseServer, synapse_or_skip
 
@@ -122,3 +124,32 @@ def test_an_unsigned_request_gets_a_matrix_error(matrix: Dict[str, Any]) -> None
     status, _, answer = post_tls(int(matrix["server_name"].split(":")[1]), "localhost", context,
                                  "/_matrix/federation/v1/version", method="GET")
     assert (status, answer["errcode"]) == (401, "M_UNAUTHORIZED")
+
+
+def test_fedserver_answers_as_a_notary_for_synapse_s_keys(matrix: Dict[str, Any]) -> None:
+    synapse = matrix["synapse"]
+    port = int(matrix["server_name"].split(":")[1])
+    context = tls_context(matrix["pki"].ca_path)
+    status, _, ours = post_tls(port, "localhost", context, "/_matrix/key/v2/server", method="GET")
+    assert status == 200, ours
+    published = synapse.key_document()
+    nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
+    status, _, answer = post_tls(
+        port, "localhost", context, "/_matrix/key/v2/query",
+        {"server_keys": {synapse.server_name: {synapse.key_id: {"minimum_valid_until_ts": int(time.time() * 1000)}},
+                         nobody: {}}},
+    )
+    assert status == 200, (answer, matrix["fedserver"].log()[-3000:])
+    status, _, by_get = post_tls(port, "localhost", context,
+                                 f"/_matrix/key/v2/query/{urllib.parse.quote(synapse.server_name)}", method="GET")
+    assert status == 200, by_get
+    for documents in (answer["server_keys"], by_get["server_keys"]):
+        (document,) = documents  # the server that cannot be reached is left out
+        assert document["server_name"] == synapse.server_name
+        assert document["verify_keys"] == published["verify_keys"]
+        # as Synapse signed it, and signed by fedserver
+        assert set(document["signatures"]) == {synapse.server_name, matrix["server_name"]}
+        for server_name, keys in ((synapse.server_name, published), (matrix["server_name"], ours)):
+            for key_id in keys["verify_keys"]:
+                verify_key = decode_verify_key_bytes(key_id, decode_base64(keys["verify_keys"][key_id]["key"]))
+                verify_signed_json(document, server_name, verify_key)
