@@ -157,8 +157,9 @@ async def _check_domain(reactor: Any, args: argparse.Namespace) -> int:
             print(f"fedserver: {e}", file=sys.stderr)
             return 2
         discovery = service.context.discovery
-        if service.context.config.tls.certificate:
+        if service.context.config.tls.certificate and service.context.config.tls.ca_certificates:
             material = service.context.tls_material("fedserver discover")
+        # else: no client certificate to present, the system's roots to trust
     else:
         from fedserver.addresses import AddressPolicy
         from fedserver.dns import DNSLookup

@@ -251,15 +251,10 @@ def refuse(request: server.Request, error: FederationError, request_id: str,
     """
     method = request.method.decode("latin-1", "replace")
     path = request.path.decode("latin-1", "replace")[:200]
-    _log_outcome(f"{method} {path}", request_id, error.code, error.label, time.monotonic(), error.message)
-    write_error(request, error, render_error)
+    answer = render_error(error)
+    _log_outcome(f"{method} {path}", request_id, answer.code, error.label, time.monotonic(), error.message)
+    write_response(request, answer)
     return server.NOT_DONE_YET
-
-
-def write_error(request: server.Request, error: FederationError,
-                render_error: Callable[[FederationError], Response] = labelled_json) -> None:
-    """Send C{error}, by default as labelled JSON."""
-    write_response(request, render_error(error))
 
 
 def serve(
@@ -323,8 +318,9 @@ def serve(
                 f"internal error; the server log has the details under request id {request_id}",
                 "internal-error",
             )
-        _log_outcome(describe, request_id, error.code, error.label, started, error.message)
-        write_error(request, error, render_error)
+        answer = render_error(error)
+        _log_outcome(describe, request_id, answer.code, error.label, started, error.message)
+        write_response(request, answer)
 
     d.addCallback(done)
     d.addErrback(failed)

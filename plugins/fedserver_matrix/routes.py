@@ -139,10 +139,12 @@ class MatrixOutward(MatrixRoute):
             path, query, body = self._start(request, request_id)
             destinations = request.requestHeaders.getRawHeaders(DESTINATION_HEADER) or []
             if len(destinations) != 1:
-                raise FederationError(
+                missing = FederationError(
                     "say which server the request is for in one X-Matrix-Destination header",
                     "invalid-endpoint",
                 )
+                missing.errcode, missing.matrix_status = "M_MISSING_PARAM", 400  # type: ignore[attr-defined]
+                raise missing
             destination = destinations[0].decode("latin-1").strip().lower()
         except FederationError as e:
             return refuse(request, e, request_id, matrix_error)

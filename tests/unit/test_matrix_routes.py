@@ -204,7 +204,7 @@ def test_the_homeserver_sends_through_the_outward_route():
 
 @pytest.mark.parametrize(
     "headers, status, errcode",
-    [([], 404, "M_UNRECOGNIZED"), ([(b"X-Matrix-Destination", b"evil.example")], 403, "M_FORBIDDEN")],
+    [([], 400, "M_MISSING_PARAM"), ([(b"X-Matrix-Destination", b"evil.example")], 403, "M_FORBIDDEN")],
 )
 def test_outward_refusals(headers, status, errcode):
     rig = make_rig()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import tempfile
-from typing import Any, List
+from typing import List
 
 import pytest
 from twisted.internet import defer
@@ -25,8 +25,6 @@ from fedserver.web import (
     body_of,
     request_id_from,
     require_post,
-    serve,
-    write_error,
     write_response,
 )
 from tests.unit.helpers import HTTPConnection, json_response, site_for
@@ -213,31 +211,6 @@ def test_write_response_after_the_client_left_writes_nothing():
     request._disconnected = True
     write_response(request, Response(200, [], b"late"))
     assert request.written == [] and not request.finished
-
-
-def test_write_error():
-    request = dummy_request()
-    write_error(request, FederationError("no", "invalid-json"))
-    assert request.responseCode == 400
-    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
-    assert b"".join(request.written) == b'{"code": 400, "label": "invalid-json", "message": "no"}'
-
-
-# serve
-
-
-class Serving(resource.Resource):
-    """Serves each request with C{work} through L{serve}."""
-
-    isLeaf = True
-
-    def __init__(self, work, **kwargs: Any) -> None:
-        super().__init__()
-        self.work = work
-        self.kwargs = kwargs
-
-    def render(self, request):
-        return serve(request, self.work, describe="test", request_id="req-7", **self.kwargs)
 
 
 def served(work, **kwargs):
