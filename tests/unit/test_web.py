@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import tempfile
-from typing import List
+from typing import Any, List
 
 import pytest
 from twisted.internet import defer
@@ -25,6 +25,7 @@ from fedserver.web import (
     body_of,
     request_id_from,
     require_post,
+    serve,
     write_response,
 )
 from tests.unit.helpers import HTTPConnection, json_response, site_for
@@ -211,6 +212,23 @@ def test_write_response_after_the_client_left_writes_nothing():
     request._disconnected = True
     write_response(request, Response(200, [], b"late"))
     assert request.written == [] and not request.finished
+
+
+# serve
+
+
+class Serving(resource.Resource):
+    """Serves each request with C{work} through L{serve}."""
+
+    isLeaf = True
+
+    def __init__(self, work, **kwargs: Any) -> None:
+        super().__init__()
+        self.work = work
+        self.kwargs = kwargs
+
+    def render(self, request):
+        return serve(request, self.work, describe="test", request_id="req-7", **self.kwargs)
 
 
 def served(work, **kwargs):
