@@ -103,18 +103,18 @@ class Processes:
         return os.path.join(self.logs, f"{name}.{suffix}")
 
     def start(self, name: str, argv: Sequence[str], ports: Iterable[int],
-              env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-        """Start C{argv} and wait until it listens on every port in C{ports}."""
+              env: Optional[Dict[str, str]] = None, timeout: float = START_WAIT) -> subprocess.Popen:
+        """Start C{argv} and wait (at most C{timeout} s) until it listens on every port in C{ports}."""
         with open(self.log_path(name), "wb") as out:
             process = subprocess.Popen(list(argv), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
                                        stdout=out, stderr=subprocess.STDOUT)
         self.running.append(process)
-        deadline = time.monotonic() + START_WAIT
+        deadline = time.monotonic() + timeout
         for port in ports:
             while not _listening(port):
                 if process.poll() is not None or time.monotonic() > deadline:
                     why = (f"exited with code {process.returncode}" if process.poll() is not None
-                           else f"does not listen on 127.0.0.1:{port} after {START_WAIT:.0f} s")
+                           else f"does not listen on 127.0.0.1:{port} after {timeout:.0f} s")
                     self.stop([process])
                     raise ScenarioError(f"{name} {why}\n{self.tail(name)}")
                 time.sleep(0.05)

@@ -29,7 +29,7 @@ with C{[tls] ca_certificates} when given, else with the system's roots.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from canonicaljson import encode_canonical_json
 from OpenSSL import SSL
@@ -71,6 +71,8 @@ from fedserver_matrix.xmatrix import (
 
 PLUGIN = "matrix-signature"
 DEFAULT_KEY_VALID_FOR = 86400
+#: verified origins whose Peer is kept for the next requests
+_REMEMBERED_PEERS = 1024
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -170,6 +172,7 @@ class MatrixSignatureAuthenticator:
         self._own_keys: Dict[str, VerifyKey] = {key_id_of(k): get_verify_key(k) for k in self.signing_keys}
         self._keys_json: Optional[bytes] = None
         self._keys_json_until = 0.0
+        self._peers: Dict[str, Peer] = {}
 
     # TLS
 
@@ -184,9 +187,25 @@ class MatrixSignatureAuthenticator:
     # inbound
 
     def authenticate(self, request: InboundRequest) -> Deferred[Peer]:
-        return Deferred.fromCoroutine(self._authenticate(request))
+        # When the origin's keys are in memory and valid (the common case),
+        # the whole check runs here; else the keyring loads or fetches them.
+        try:
+            origin, uri, signed, key_ids = self._signed_request(request)
+            keys = self._keys_in_memory(origin, key_ids)
+            if keys is not None:
+                return defer.succeed(self._verified(request, origin, uri, signed, key_ids, keys))
+        except Exception:
+            return defer.fail()
+        return Deferred.fromCoroutine(self._authenticate(request, origin, uri, signed, key_ids))
 
-    async def _authenticate(self, request: InboundRequest) -> Peer:
+    async def _authenticate(
+        self, request: InboundRequest, origin: str, uri: str, signed: Dict[str, Any], key_ids: List[str]
+    ) -> Peer:
+        keys = await self._keys_of(origin, key_ids)
+        return self._verified(request, origin, uri, signed, key_ids, keys)
+
+    def _signed_request(self, request: InboundRequest) -> Tuple[str, str, Dict[str, Any], List[str]]:
+        """The origin, the signed C{uri}, the signed object and the key ids of the supported signatures."""
         authorizations = authorizations_of(request.headers)
         origin = authorizations[0].origin
         destination = authorizations[0].destination
@@ -204,7 +223,13 @@ class MatrixSignatureAuthenticator:
                 f"the request from {origin} has no signature with an algorithm this server supports ({ALGORITHM})",
                 "unknown-key",
             )
-        keys = await self._keys_of(origin, key_ids)
+        return origin, uri, signed, key_ids
+
+    def _verified(
+        self, request: InboundRequest, origin: str, uri: str, signed: Dict[str, Any], key_ids: List[str],
+        keys: Dict[str, VerifyKey],
+    ) -> Peer:
+        """The origin as a peer, if every signature by one of C{keys} verifies, and there is one."""
         if not keys:
             raise XMatrixError(
                 f"{origin} signed with {', '.join(key_ids)}, but no such key of {origin} is known and valid now",
@@ -218,8 +243,26 @@ class MatrixSignatureAuthenticator:
                     f"the signature of {origin} by {key_id} does not verify for {request.method} {uri[:200]}",
                     "bad-signature",
                 ) from None
-        identities: frozenset = frozenset((origin,))
-        return Peer(identities=identities, claimed_domain=origin, domain_proven=True)
+        # a Peer is immutable: one per verified origin serves every request
+        peer = self._peers.get(origin)
+        if peer is None:
+            if len(self._peers) >= _REMEMBERED_PEERS:
+                self._peers.clear()
+            identities: frozenset = frozenset((origin,))
+            peer = self._peers[origin] = Peer(identities=identities, claimed_domain=origin, domain_proven=True)
+        return peer
+
+    def _keys_in_memory(self, origin: str, key_ids: List[str]) -> Optional[Dict[str, VerifyKey]]:
+        """
+        What L{_keys_of} would answer, when that needs no lookup: our own
+        keys, or every one of C{key_ids} known to the keyring and valid now.
+        C{None} when the keyring must be asked.
+        """
+        if origin == self.server_name:
+            return {k: self._own_keys[k] for k in key_ids if k in self._own_keys}
+        if self.keyring is None:
+            return None
+        return self.keyring.keys_in_memory(origin, key_ids)
 
     async def _keys_of(self, origin: str, key_ids: List[str]) -> Dict[str, VerifyKey]:
         if origin == self.server_name:

@@ -322,6 +322,14 @@ class Keyring:
         if fetch is not None:
             await fetch.wait()
 
+    def keys_in_memory(self, server_name: str, key_ids: Sequence[str]) -> Optional[Dict[str, VerifyKey]]:
+        """
+        Every one of C{key_ids} if all are in memory and valid now (the
+        hot path needs no lookup then), else C{None}.
+        """
+        usable = self._usable(server_name, key_ids, self.now_ms())
+        return usable if len(usable) == len(key_ids) else None
+
     def _usable(self, server_name: str, key_ids: Iterable[str], when: int) -> Dict[str, VerifyKey]:
         known = self._keys.get(server_name, {})
         usable = {}

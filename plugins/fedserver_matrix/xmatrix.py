@@ -22,6 +22,7 @@ Matrix-specific C{matrix_label}; see L{MATRIX_LABELS}.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -100,6 +101,18 @@ _BARE_VALUE = re.compile(r'[^\s,"\\]+')
 _OWS = re.compile(r"[ \t]*")
 _SCHEME_RE = re.compile(r"x-matrix[ \t]+", re.IGNORECASE)
 _PRINTABLE = re.compile(r"[\t\x20-\x7e]*")
+# one parameter and what ends it, after any empty list elements: the fast
+# path of _parse_params, for well-formed headers (quoted value: group 2,
+# escapes still in; unquoted value: group 3)
+_PARAM = re.compile(
+    r"(?:[ \t]*,)*[ \t]*"
+    r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*"
+    r'(?:"([^"\\]*(?:\\.[^"\\]*)*)"|([^\s,"\\]+))'
+    r"[ \t]*(?:,|\Z)",
+    re.DOTALL,
+)
+_LIST_END = re.compile(r"[ \t,]*")
+_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
 
 
 def _malformed(reason: str) -> XMatrixError:
@@ -125,11 +138,11 @@ def parse_authorization(value: str) -> XMatrixAuthorization:
     if match is None:
         raise _malformed(f"it does not start with '{SCHEME} ' (found {value[:20]!r})")
     params = _parse_params(value, match.end())
-    missing = [name for name in ("origin", "key", "sig") if not params.get(name)]
-    if missing:
+    if not (params.get("origin") and params.get("key") and params.get("sig")):
+        missing = [name for name in ("origin", "key", "sig") if not params.get(name)]
         raise _malformed(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing or empty")
     origin = params["origin"]
-    if not is_server_name(origin):
+    if not (_is_origin(origin) if len(origin) <= _CACHED_NAME_LENGTH else is_server_name(origin)):
         raise _malformed(f"origin {origin[:100]!r} is not a Matrix server name")
     try:
         split_key_id(params["key"])
@@ -139,6 +152,34 @@ def parse_authorization(value: str) -> XMatrixAuthorization:
 
 
 def _parse_params(value: str, pos: int) -> Dict[str, str]:
+    """
+    The parameters from C{pos} on: one regular expression per parameter
+    when the list is well formed (the common case, and the per-request
+    cost); anything it does not take (no parameter, a name twice, a syntax
+    error) is left to L{_parse_params_stepwise}, which accepts or refuses
+    it and says why.
+    """
+    params: Dict[str, str] = {}
+    start, end = pos, len(value)
+    while pos < end:
+        match = _PARAM.match(value, pos)
+        if match is None:
+            if _LIST_END.fullmatch(value, pos):
+                break
+            return _parse_params_stepwise(value, start)
+        name, quoted, bare = match.groups()
+        name = name.lower()
+        if name in params:
+            return _parse_params_stepwise(value, start)
+        if quoted is None:
+            params[name] = bare
+        else:
+            params[name] = _ESCAPE.sub(r"\1", quoted) if "\\" in quoted else quoted
+        pos = match.end()
+    return params or _parse_params_stepwise(value, start)
+
+
+def _parse_params_stepwise(value: str, pos: int) -> Dict[str, str]:
     params: Dict[str, str] = {}
     end = len(value)
     while True:
@@ -251,6 +292,9 @@ def parse_body(body: bytes) -> Any:
     if not body:
         return None
     try:
+        if isinstance(body, (bytes, bytearray)):
+            # what json.loads(body, parse_constant=_no_constant) does, without a new decoder per call
+            return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
         return json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
         raise XMatrixError(f"the request body is not JSON ({e}), so its signature cannot be checked",
@@ -260,6 +304,9 @@ def parse_body(body: bytes) -> Any:
 def _no_constant(name: str) -> Any:
     # NaN and Infinity are not JSON, and canonical JSON cannot encode them
     raise ValueError(f"{name} is not a JSON value")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def sign_request(
@@ -336,3 +383,13 @@ def is_server_name(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+#: origins up to this length have their check remembered (longer ones are no server name anyway)
+_CACHED_NAME_LENGTH = 300
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_origin(name: str) -> bool:
+    """L{is_server_name}, remembered: the same few origins sign every request."""
+    return is_server_name(name)
