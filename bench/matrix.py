@@ -54,12 +54,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from run import (
     BIN,
-    RESULTS,
     WRK_INSTALL,
     WRK_TIMEOUT,
     Processes,
     ScenarioError,
     cpu_seconds,
+    finish,
     free_port,
     machine,
     peak_rss_mb,
@@ -650,16 +650,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     document["ratios"] = ratios(document.get("keyserver", {}))
     document["targets"] = targets(document)
     print(report(document))
-    text = json.dumps(document, indent=2) + "\n"
-    os.makedirs(RESULTS, exist_ok=True)
-    for path in [os.path.join(RESULTS, "matrix-latest.json"), *filter(None, [args.json])]:
-        with open(path, "w") as f:
-            f.write(text)
-    if failed or args.keep:
-        print(f"\nconfigurations and logs: {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 1 if failed else 0
+    return finish(document, "matrix-latest.json", args, workdir, failed)
 
 
 if __name__ == "__main__":

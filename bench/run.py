@@ -562,9 +562,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "work_folder": workdir if (failed or args.keep) else None,
     }
     print(report(document))
+    return finish(document, "latest.json", args, workdir, failed)
+
+
+def finish(document: Dict[str, Any], name: str, args: argparse.Namespace, workdir: str, failed: bool) -> int:
+    """
+    Write the results (C{results/NAME} and C{--json}), keep the work folder
+    when something failed or C{--keep} asks, and return the exit code.
+    """
     text = json.dumps(document, indent=2) + "\n"
     os.makedirs(RESULTS, exist_ok=True)
-    for path in [os.path.join(RESULTS, "latest.json"), *filter(None, [args.json])]:
+    for path in [os.path.join(RESULTS, name), *filter(None, [args.json])]:
         with open(path, "w") as f:
             f.write(text)
     if failed or args.keep:

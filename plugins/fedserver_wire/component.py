@@ -6,6 +6,7 @@ answered as labelled JSON rather than raised.
 
 from __future__ import annotations
 
+import abc
 import functools
 from typing import Any, Awaitable, Callable, Coroutine, Dict, ParamSpec, TypeVar
 
@@ -35,7 +36,7 @@ def deferred(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Deferre
 RPC = Callable[[FederatedCall, Any], Awaitable[Any]]
 
 
-class RPCComponent:
+class RPCComponent(metaclass=abc.ABCMeta):
     """
     Answers federated calls by RPC name (C{rpcs}).  A L{WireError} becomes
     its JSON answer with its status; a L{fedserver.errors.FederationError}
@@ -48,9 +49,9 @@ class RPCComponent:
 
     name: str
 
+    @abc.abstractmethod
     def rpcs(self) -> Dict[str, RPC]:
         """The RPCs this component answers, by name."""
-        raise NotImplementedError
 
     def handle(self, call: FederatedCall) -> Deferred[Response]:
         """Answer C{call} (L{fedserver.interfaces.IComponentHandler})."""
