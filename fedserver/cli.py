@@ -7,6 +7,7 @@ The C{fedserver} command: operator tools over the library.
     fedserver discover [--config FILE] [--json] DOMAIN
     fedserver dev-pki DIR --domain NAME [--domain NAME ...]
     fedserver generate-signing-key [--key-version VERSION] FILE
+    fedserver mimi-identity --config FILE --provider NAME [--at UNIX_TS] [--json] CHAIN.pem
 """
 
 from __future__ import annotations
@@ -201,6 +202,67 @@ def _generate_signing_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mimi_identity(args: argparse.Namespace) -> int:
+    import time
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from fedserver.service import build_service
+    from fedserver.values import Identity
+
+    try:
+        service = build_service(args.config, reactor=Clock(), migrate=False, listen=False)
+    except ConfigError as e:
+        print(f"fedserver: {e}", file=sys.stderr)
+        return 1
+    provider = service.context.identity_providers.get(args.provider)
+    if provider is None:
+        known = ", ".join(sorted(service.context.identity_providers)) or "none"
+        print(f"fedserver: {args.config} has no [identity_providers.{args.provider}] (configured: {known})",
+              file=sys.stderr)
+        return 1
+    try:
+        with open(args.chain, "rb") as f:
+            chain = [c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(f.read())]
+    except OSError as e:
+        print(f"fedserver: cannot read {args.chain}: {e.strerror}", file=sys.stderr)
+        return 1
+    except ValueError:
+        print(f"fedserver: {args.chain} holds no PEM certificate", file=sys.stderr)
+        return 1
+    moment = int(time.time()) if args.at is None else args.at
+    identity = Identity(credential_type="x509", credential=chain)
+    outcome: list = []
+    provider.validate(identity, [], {"msg_timestamp": moment}).addBoth(outcome.append)
+    result: dict = {"provider": args.provider, "chain": args.chain, "at": moment}
+    try:
+        if not outcome:
+            raise FederationError(f"identity provider {args.provider!r} did not answer at once", "internal-error")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        result["client_handle"] = provider.client_handle(identity)
+        for name in ("account", "domain"):
+            method = getattr(provider, f"{name}_identifier", None)
+            result[name] = method(identity) if method else None
+    except FederationError as e:
+        result.update(valid=False, label=e.label, reason=e.message)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        print(f"fedserver: {args.chain} is refused: {e.label}: {e.message}", file=sys.stderr)
+        return 1
+    result["valid"] = True
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"client handle: {result['client_handle']}")
+        print(f"account:       {result['account'] if result['account'] is not None else '(not configured)'}")
+        print(f"domain:        {result['domain'] if result['domain'] is not None else '(not configured)'}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedserver", description="fedserver operator tools")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -246,6 +308,18 @@ def make_parser() -> argparse.ArgumentParser:
                              help="the key version: letters, digits and _ (default: a_ and 4 random characters)")
     signing_key.add_argument("file", metavar="FILE")
     signing_key.set_defaults(run=_generate_signing_key)
+
+    mimi = commands.add_parser(
+        "mimi-identity", help="check an X.509 chain with a configured MIMI identity provider"
+    )
+    mimi.add_argument("--config", required=True, metavar="FILE")
+    mimi.add_argument("--provider", required=True, metavar="NAME",
+                      help="the NAME of an [identity_providers.NAME] table")
+    mimi.add_argument("--at", type=int, metavar="UNIX_TS",
+                      help="the message timestamp to validate at (default: now)")
+    mimi.add_argument("--json", action="store_true", help="print the result as JSON")
+    mimi.add_argument("chain", metavar="CHAIN.pem", help="PEM certificates, leaf first")
+    mimi.set_defaults(run=_mimi_identity)
     return parser
 
 
