@@ -61,10 +61,12 @@ from run import (
     cpu_seconds,
     finish,
     free_port,
+    interrupted_exit,
     machine,
     peak_rss_mb,
     run_wrk,
     to_toml,
+    wind_down,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -621,13 +623,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
-        processes.stop_all()
+        wind_down(processes)
     if interrupted:
-        print("bench: interrupted; stopped what it started", file=sys.stderr)
-        shutil.rmtree(workdir, ignore_errors=True)
-        return 130
+        return interrupted_exit(workdir)
     failed = "error" in document.get("verify", {}) or any("error" in r for r in document.get("keyserver", {}).values())
 
     synapse_python_used = servers.synapse_python if servers is not None else None

@@ -541,14 +541,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        # a second Ctrl-C must not leave processes behind; every wait in stop_all is bounded
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
-        processes.stop_all()
+        wind_down(processes)
     if interrupted:
-        print("bench: interrupted; stopped what it started", file=sys.stderr)
-        shutil.rmtree(workdir, ignore_errors=True)
-        return 130
+        return interrupted_exit(workdir)
     failed = any("error" in r for r in results.values())
 
     document = {
@@ -563,6 +558,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     print(report(document))
     return finish(document, "latest.json", args, workdir, failed)
+
+
+def wind_down(processes: Processes) -> None:
+    """Stop everything; a second Ctrl-C must not leave processes behind (every wait is bounded)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    processes.stop_all()
+
+
+def interrupted_exit(workdir: str) -> int:
+    print("bench: interrupted; stopped what it started", file=sys.stderr)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 130
 
 
 def finish(document: Dict[str, Any], name: str, args: argparse.Namespace, workdir: str, failed: bool) -> int:

@@ -256,6 +256,15 @@ def post(port: int, path: str, body: Any = None, *, method: str = "POST", raw: O
     return _exchange(connection, method, path, body, raw, headers)
 
 
+def discover_json(config_path: str, domain: str, timeout: float = 5.0) -> Tuple[int, Any]:
+    """C{fedserver discover --json} with a backend's configuration: its exit code and report."""
+    result = subprocess.run(
+        [tool("fedserver"), "discover", "--config", config_path, "--json", "--timeout", str(timeout), domain],
+        capture_output=True, text=True, timeout=60,
+    )
+    return result.returncode, json.loads(result.stdout)
+
+
 def tls_context(ca_path: str, cert: Optional[Tuple[str, str]] = None) -> ssl.SSLContext:
     """A client TLS context trusting C{ca_path}, presenting C{cert} if given."""
     context = ssl.create_default_context(cafile=ca_path)

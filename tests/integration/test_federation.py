@@ -19,6 +19,7 @@ from tests.integration.harness import (
     Component,
     Fedserver,
     backend_config,
+    discover_json,
     free_port,
     post,
     post_tls,
@@ -374,15 +375,7 @@ def test_resumed_tls_session_is_verified_again(federation: Dict[str, Any]) -> No
 
 
 def _discover(federation: Dict[str, Any], domain: str) -> tuple:
-    import subprocess
-
-    from tests.integration.harness import tool
-
-    result = subprocess.run(
-        [tool("fedserver"), "discover", "--config", federation["a"].config_path, "--json", "--timeout", "5", domain],
-        capture_output=True, text=True, timeout=60,
-    )
-    return result.returncode, json.loads(result.stdout)
+    return discover_json(federation["a"].config_path, domain)
 
 
 def test_discover_gives_a_verdict_for_a_reachable_domain(federation: Dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from tests.integration.harness import (
     DNSServer,
     Fedserver,
     backend_config,
+    discover_json,
     free_port,
     post,
     post_tls,
@@ -210,16 +211,7 @@ def test_a_known_peer_is_reached_while_dns_is_down(wire: Dict[str, Any]) -> None
 
 
 def _discover(wire: Dict[str, Any], domain: str) -> tuple:
-    import json
-    import subprocess
-
-    from tests.integration.harness import tool
-
-    result = subprocess.run(
-        [tool("fedserver"), "discover", "--config", wire["a"].config_path, "--json", "--timeout", "5", domain],
-        capture_output=True, text=True, timeout=60,
-    )
-    return result.returncode, json.loads(result.stdout)
+    return discover_json(wire["a"].config_path, domain)
 
 
 def test_discover_shows_the_srv_records_of_a_reachable_domain(wire: Dict[str, Any]) -> None:

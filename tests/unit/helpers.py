@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 from cryptography import x509
@@ -504,3 +504,44 @@ def make_rig(
     return Rig(pipeline, events, discovery, authenticator, authorizers, component, client)
 
 
+
+
+def minimal_config_file(directory: Any, backend: str, infra: str, *, outward: bool = False) -> Callable[..., str]:
+    """
+    A writer of a minimal, complete configuration for C{backend} (mtls with
+    a fresh CA and certificate, static discovery, allow-all): call it with
+    extra TOML to append; it returns the file's path.
+    """
+    ca = pki.make_ca()
+    ca_path, _ = pki.write_issued(str(directory), "ca", ca)
+    cert, key = pki.write_issued(str(directory), infra, pki.issue(ca, [infra]), chain=[ca])
+    inward = 'listen = "tcp:0:interface=127.0.0.1"' if outward else 'listen = "tcp:0"'
+    outward_table = '[outward]\nlisten = "tcp:0:interface=127.0.0.1"\n' if outward else ""
+
+    def write(extra: str = "") -> str:
+        path = os.path.join(str(directory), f"{backend.split('.')[0]}.toml")
+        with open(path, "w") as f:
+            f.write(
+                f"""
+[server]
+backend_domain = "{backend}"
+infra_domain = "{infra}"
+[inward]
+{inward}
+{outward_table}[tls]
+certificate = "{cert}"
+private_key = "{key}"
+ca_certificates = ["{ca_path}"]
+[discovery]
+plugin = "static"
+[authenticator]
+plugin = "mtls"
+[[authorizers]]
+plugin = "allow-list"
+allow_all = true
+{extra}
+"""
+            )
+        return path
+
+    return write

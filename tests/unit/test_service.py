@@ -22,10 +22,10 @@ import fedserver.builtin.mtls
 import fedserver.builtin.static_discovery
 from fedserver import ConfigError, hookimpl
 from fedserver.interfaces import IIdentityProvider
-from fedserver.pki import issue, make_ca, write_issued
 from fedserver.registry import make_plugin_manager
 from fedserver.service import DRAIN_TIMEOUT, _Drain, _InFlight, build_service
 from fedserver.values import Identity
+from tests.unit.helpers import minimal_config_file
 
 BUILTINS = [
     fedserver.builtin.allow_list,
@@ -108,36 +108,7 @@ class ProtocolPlugin:
 
 @pytest.fixture()
 def config_file(tmp_path: Any) -> Any:
-    ca = make_ca()
-    ca_path, _ = write_issued(str(tmp_path), "ca", ca)
-    cert, key = write_issued(str(tmp_path), "fed.b.example", issue(ca, ["fed.b.example"]), chain=[ca])
-
-    def write(extra: str = "") -> str:
-        path = tmp_path / "b.toml"
-        path.write_text(
-            f"""
-[server]
-backend_domain = "b.example"
-infra_domain = "fed.b.example"
-[inward]
-listen = "tcp:0"
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-ca_certificates = ["{ca_path}"]
-[discovery]
-plugin = "static"
-[authenticator]
-plugin = "mtls"
-[[authorizers]]
-plugin = "allow-list"
-allow_all = true
-{extra}
-"""
-        )
-        return str(path)
-
-    return write
+    return minimal_config_file(tmp_path, "b.example", "fed.b.example")
 
 
 def _rewrite(path: str, old: str, new: str) -> None:

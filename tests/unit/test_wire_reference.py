@@ -19,7 +19,6 @@ import fedserver.builtin.allow_list
 import fedserver.builtin.mtls
 import fedserver.builtin.static_discovery
 from fedserver.errors import ConfigError, FederationError
-from fedserver.pki import issue, make_ca, write_issued
 from fedserver.registry import PluginRegistry, make_plugin_manager
 from fedserver.service import build_service
 from fedserver.storage import Store
@@ -28,7 +27,7 @@ from fedserver_wire.api import WireAPIResource
 from fedserver_wire.brig import WireBrig
 from fedserver_wire.galley import WireGalley
 from fedserver_wire.store import SCHEMA_OWNER
-from tests.unit.helpers import build_plugin
+from tests.unit.helpers import build_plugin, minimal_config_file
 from tests.unit.wire_helpers import (
     Backend,
     answer_json,
@@ -131,38 +130,7 @@ def test_one_component_without_the_other_stops_startup(context, only):
 
 @pytest.fixture
 def config_file(tmp_path):
-    ca = make_ca()
-    ca_path, _ = write_issued(str(tmp_path), "ca", ca)
-    cert, key = write_issued(str(tmp_path), "fed.a.example", issue(ca, ["fed.a.example"]), chain=[ca])
-
-    def write(extra: str) -> str:
-        path = tmp_path / "a.toml"
-        path.write_text(
-            f"""
-[server]
-backend_domain = "a.example"
-infra_domain = "fed.a.example"
-[inward]
-listen = "tcp:0:interface=127.0.0.1"
-[outward]
-listen = "tcp:0:interface=127.0.0.1"
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-ca_certificates = ["{ca_path}"]
-[discovery]
-plugin = "static"
-[authenticator]
-plugin = "mtls"
-[[authorizers]]
-plugin = "allow-list"
-allow_all = true
-{extra}
-"""
-        )
-        return str(path)
-
-    return write
+    return minimal_config_file(tmp_path, "a.example", "fed.a.example", outward=True)
 
 
 WIRE_TABLES = '[components.brig]\nplugin = "wire-brig"\n[components.galley]\nplugin = "wire-galley"\n'
