@@ -20,7 +20,9 @@ RFC 9420 section 2.1.2 (the QUIC varint of RFC 9000 section 16 without the
 8-byte form): the prefix C{0b11} is invalid and lengths must be minimally
 encoded.
 
-Every error is a L{KeyPackageError} naming the byte offset and the field.
+Every error is a L{KeyPackageError} naming the byte offset and the field
+(an L{MLSDecodeError <fedserver_mimi.codec.MLSDecodeError>}, read with the
+shared L{Reader <fedserver_mimi.codec.Reader>}).
 Nothing here trusts a length before checking it against the data that is
 actually there, and the whole package is refused up front when it is larger
 than L{MAX_KEY_PACKAGE_SIZE}, so parsing is linear in a bounded input.
@@ -28,6 +30,10 @@ than L{MAX_KEY_PACKAGE_SIZE}, so parsing is linear in a bounded input.
 Signatures are verified only on request, with L{verify_key_package_signature}
 (and L{verify_leaf_node_signature}), following SignWithLabel of RFC 9420
 section 5.1.2.
+
+The LeafNode, Credential, Capabilities and Extension readers here are shared
+with L{fedserver_mimi.messages}, which finds the same structures inside Add
+and Update proposals and UpdatePaths.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from __future__ import annotations
 from typing import Optional
 
 import attrs
+
+from fedserver_mimi.codec import KEY_SIZES, MLSDecodeError, Reader, as_bytes, verify_with_label
 
 __all__ = [
     "CIPHER_SUITE_NAMES",
@@ -83,19 +91,6 @@ CIPHER_SUITE_NAMES: dict[int, str] = {
     7: "MLS_256_DHKEMP384_AES256GCM_SHA384_P384",
 }
 
-# (HPKE public key size, signature public key size) of the registered suites:
-# X25519 32, P-256 65 (uncompressed), X448 56, P-521 133, P-384 97; Ed25519 32,
-# Ed448 57.  Keys of another size cannot belong to the suite.
-_KEY_SIZES: dict[int, tuple[int, int]] = {
-    1: (32, 32),
-    2: (65, 65),
-    3: (32, 32),
-    4: (56, 57),
-    5: (133, 133),
-    6: (56, 57),
-    7: (97, 97),
-}
-
 #: A KeyPackage larger than this is refused before any parsing.
 MAX_KEY_PACKAGE_SIZE = 64 * 1024
 #: At most this many certificates in an X.509 credential.
@@ -105,23 +100,23 @@ MAX_EXTENSIONS = 64
 #: At most this many entries in each capabilities list.
 MAX_CAPABILITY_ENTRIES = 256
 
-# The largest length a 4-byte MLS varint can carry.
-_VARINT_MAX = (1 << 30) - 1
+_LEAF_NODE_SOURCE_NAMES = {
+    LEAF_NODE_SOURCE_KEY_PACKAGE: "key_package",
+    LEAF_NODE_SOURCE_UPDATE: "update",
+    LEAF_NODE_SOURCE_COMMIT: "commit",
+}
 
 
-class KeyPackageError(ValueError):
+class KeyPackageError(MLSDecodeError):
     """
-    The bytes are not an acceptable RFC 9420 KeyPackage.
+    The bytes are not an acceptable RFC 9420 KeyPackage (a L{ValueError}).
 
     @ivar offset: the byte offset in the input where the problem was found.
     @ivar field: the dotted name of the field being read.
+    @ivar reason: what is wrong, in words.
     """
 
-    def __init__(self, offset: int, field: str, reason: str) -> None:
-        super().__init__(f"invalid KeyPackage at offset {offset} ({field}): {reason}")
-        self.offset = offset
-        self.field = field
-        self.reason = reason
+    what = "KeyPackage"
 
 
 @attrs.frozen
@@ -223,76 +218,7 @@ class KeyPackage:
         return self.leaf_node.credential
 
 
-class _Reader:
-    """Reads TLS presentation-language values from C{data[pos:end]}."""
-
-    __slots__ = ("data", "end", "pos")
-
-    def __init__(self, data: bytes, pos: int = 0, end: Optional[int] = None) -> None:
-        self.data = data
-        self.pos = pos
-        self.end = len(data) if end is None else end
-
-    def fail(self, field: str, reason: str, offset: Optional[int] = None) -> KeyPackageError:
-        return KeyPackageError(self.pos if offset is None else offset, field, reason)
-
-    def _take(self, n: int, field: str) -> bytes:
-        if n > self.end - self.pos:
-            raise self.fail(field, f"truncated: needs {n} bytes, {self.end - self.pos} left")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def uint8(self, field: str) -> int:
-        return self._take(1, field)[0]
-
-    def uint16(self, field: str) -> int:
-        return int.from_bytes(self._take(2, field), "big")
-
-    def uint64(self, field: str) -> int:
-        return int.from_bytes(self._take(8, field), "big")
-
-    def varint(self, field: str) -> int:
-        """A vector length (RFC 9420 section 2.1.2)."""
-        start = self.pos
-        if self.pos >= self.end:
-            raise self.fail(field, "truncated: missing vector length")
-        first = self.data[self.pos]
-        prefix = first >> 6
-        if prefix == 3:
-            raise self.fail(field, "invalid vector length prefix 0b11")
-        size = 1 << prefix
-        raw = self._take(size, field + " length")
-        value = int.from_bytes(raw, "big") & ((1 << (8 * size - 2)) - 1)
-        if (size == 2 and value < 64) or (size == 4 and value < 16384):
-            raise self.fail(field, f"vector length {value} not minimally encoded in {size} bytes", start)
-        return value
-
-    def vector(self, field: str, limit: Optional[int] = None) -> bytes:
-        """An opaque<V>: its bytes, with the length checked against the data."""
-        start = self.pos
-        length = self.varint(field)
-        if limit is not None and length > limit:
-            raise self.fail(field, f"length {length} over the limit of {limit}", start)
-        if length > self.end - self.pos:
-            raise self.fail(field, f"vector length {length} beyond the data ({self.end - self.pos} bytes left)", start)
-        return self._take(length, field)
-
-    def sub(self, field: str) -> _Reader:
-        """A reader over the contents of the next vector, which this one skips."""
-        start = self.pos
-        length = self.varint(field)
-        if length > self.end - self.pos:
-            raise self.fail(field, f"vector length {length} beyond the data ({self.end - self.pos} bytes left)", start)
-        inner = _Reader(self.data, self.pos, self.pos + length)
-        self.pos += length
-        return inner
-
-    def at_end(self) -> bool:
-        return self.pos >= self.end
-
-
-def _uint16_list(r: _Reader, field: str) -> tuple[int, ...]:
+def _uint16_list(r: Reader, field: str) -> tuple[int, ...]:
     inner = r.sub(field)
     count = inner.end - inner.pos
     if count % 2:
@@ -305,7 +231,7 @@ def _uint16_list(r: _Reader, field: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _extensions(r: _Reader, field: str) -> tuple[Extension, ...]:
+def _extensions(r: Reader, field: str) -> tuple[Extension, ...]:
     inner = r.sub(field)
     seen: set[int] = set()
     result: list[Extension] = []
@@ -322,7 +248,7 @@ def _extensions(r: _Reader, field: str) -> tuple[Extension, ...]:
     return tuple(result)
 
 
-def _credential(r: _Reader) -> Credential:
+def _credential(r: Reader) -> Credential:
     start = r.pos
     ctype = r.uint16("leaf_node.credential.credential_type")
     if ctype == CREDENTIAL_BASIC:
@@ -345,7 +271,7 @@ def _credential(r: _Reader) -> Credential:
     raise r.fail("leaf_node.credential.credential_type", f"unsupported credential type {ctype}", start)
 
 
-def _capabilities(r: _Reader) -> Capabilities:
+def _capabilities(r: Reader) -> Capabilities:
     return Capabilities(
         versions=_uint16_list(r, "leaf_node.capabilities.versions"),
         cipher_suites=_uint16_list(r, "leaf_node.capabilities.cipher_suites"),
@@ -355,20 +281,35 @@ def _capabilities(r: _Reader) -> Capabilities:
     )
 
 
-def _leaf_node(r: _Reader) -> LeafNode:
-    begin = r.pos
+def _leaf_node_head(r: Reader) -> tuple[bytes, bytes, Credential, Capabilities]:
+    """The LeafNode fields before leaf_node_source, alike for every source."""
     encryption_key = r.vector("leaf_node.encryption_key")
     signature_key = r.vector("leaf_node.signature_key")
     credential = _credential(r)
     capabilities = _capabilities(r)
+    return encryption_key, signature_key, credential, capabilities
+
+
+def _leaf_node_source(r: Reader, expected: int, where: str) -> int:
+    """
+    Read leaf_node_source and refuse any but C{expected}: RFC 9420 section 7.3
+    fixes the source of each place a LeafNode appears (C{where}, e.g. "a
+    KeyPackage"), and the source decides the shape of what follows.
+    """
     source_at = r.pos
     source = r.uint8("leaf_node.leaf_node_source")
-    if source != LEAF_NODE_SOURCE_KEY_PACKAGE:
-        names = {LEAF_NODE_SOURCE_UPDATE: "update", LEAF_NODE_SOURCE_COMMIT: "commit"}
-        what = names.get(source, "unknown")
-        raise r.fail(
-            "leaf_node.leaf_node_source", f"{what} source {source}, a KeyPackage needs key_package (1)", source_at
-        )
+    if source != expected:
+        what = _LEAF_NODE_SOURCE_NAMES.get(source, "unknown")
+        want = _LEAF_NODE_SOURCE_NAMES[expected]
+        reason = f"{what} source {source}, {where} needs {want} ({expected})"
+        raise r.fail("leaf_node.leaf_node_source", reason, source_at)
+    return source
+
+
+def _leaf_node(r: Reader) -> LeafNode:
+    begin = r.pos
+    encryption_key, signature_key, credential, capabilities = _leaf_node_head(r)
+    source = _leaf_node_source(r, LEAF_NODE_SOURCE_KEY_PACKAGE, "a KeyPackage")
     lifetime_at = r.pos
     not_before = r.uint64("leaf_node.lifetime.not_before")
     not_after = r.uint64("leaf_node.lifetime.not_after")
@@ -390,7 +331,12 @@ def _leaf_node(r: _Reader) -> LeafNode:
     )
 
 
-def _key_package(r: _Reader) -> KeyPackage:
+def _key_package(r: Reader, to_end: bool = True) -> KeyPackage:
+    """
+    Read a KeyPackage at C{r}.  With C{to_end} it must fill the rest of the
+    reader; without, it is embedded (an Add proposal) and the reader is left
+    after it.
+    """
     begin = r.pos
     version = r.uint16("version")
     if version != MLS10:
@@ -403,9 +349,11 @@ def _key_package(r: _Reader) -> KeyPackage:
     extensions = _extensions(r, "extensions")
     tbs = r.data[begin : r.pos]
     signature = r.vector("signature")
-    if not r.at_end():
-        raise r.fail("KeyPackage", f"{r.end - r.pos} trailing bytes")
-    sizes = _KEY_SIZES.get(cipher_suite)
+    end = r.pos
+    if to_end:
+        r.expect_end("KeyPackage")
+    # Keys of another size than the registered suite's cannot belong to it.
+    sizes = KEY_SIZES.get(cipher_suite)
     if sizes is not None:
         hpke_size, sig_size = sizes
         name = CIPHER_SUITE_NAMES[cipher_suite]
@@ -431,18 +379,12 @@ def _key_package(r: _Reader) -> KeyPackage:
         extensions=extensions,
         signature=signature,
         to_be_signed=tbs,
-        raw=r.data[begin : r.end],
+        raw=r.data[begin:end],
     )
 
 
 def _as_bytes(data: bytes) -> bytes:
-    if isinstance(data, (bytearray, memoryview)):
-        data = bytes(data)
-    if not isinstance(data, bytes):
-        raise TypeError(f"a KeyPackage is bytes, not {type(data).__name__}")
-    if len(data) > MAX_KEY_PACKAGE_SIZE:
-        raise KeyPackageError(0, "KeyPackage", f"{len(data)} bytes, over the limit of {MAX_KEY_PACKAGE_SIZE}")
-    return data
+    return as_bytes(data, MAX_KEY_PACKAGE_SIZE, KeyPackageError, "KeyPackage")
 
 
 def parse_key_package(data: bytes) -> KeyPackage:
@@ -452,7 +394,7 @@ def parse_key_package(data: bytes) -> KeyPackage:
     @raise KeyPackageError: when the bytes are not exactly one well-formed
         mls10 KeyPackage within the limits of this module.
     """
-    return _key_package(_Reader(_as_bytes(data)))
+    return _key_package(Reader(_as_bytes(data), error=KeyPackageError))
 
 
 def parse_key_package_message(data: bytes) -> KeyPackage:
@@ -461,7 +403,7 @@ def parse_key_package_message(data: bytes) -> KeyPackage:
     mls_key_package), the form the MLS test vectors and many clients use.
     Offsets in errors count from the start of the message.
     """
-    r = _Reader(_as_bytes(data))
+    r = Reader(_as_bytes(data), error=KeyPackageError)
     version = r.uint16("MLSMessage.version")
     if version != MLS10:
         raise r.fail("MLSMessage.version", f"unknown protocol version {version}", 0)
@@ -471,56 +413,11 @@ def parse_key_package_message(data: bytes) -> KeyPackage:
     return _key_package(r)
 
 
-def _sign_content(label: bytes, content: bytes) -> bytes:
-    """The encoded SignContent of RFC 9420 section 5.1.2."""
-
-    def vec(value: bytes) -> bytes:
-        n = len(value)
-        if n < 1 << 6:
-            prefix = n.to_bytes(1, "big")
-        elif n < 1 << 14:
-            prefix = (n | 0x4000).to_bytes(2, "big")
-        else:
-            prefix = (n | 0x80000000).to_bytes(4, "big")
-        return prefix + value
-
-    return vec(b"MLS 1.0 " + label) + vec(content)
-
-
-def _verify(cipher_suite: int, public_key: bytes, signature: bytes, message: bytes) -> bool:
-    # Imported here: parsing needs no cryptography.
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, ed448
-
-    if cipher_suite in (1, 3):
-        import nacl.exceptions
-        import nacl.signing
-
-        if len(public_key) != 32 or len(signature) != 64:
-            return False
-        try:
-            nacl.signing.VerifyKey(public_key).verify(message, signature)
-        except (nacl.exceptions.BadSignatureError, ValueError):
-            return False
-        return True
-    try:
-        if cipher_suite in (4, 6):
-            ed448.Ed448PublicKey.from_public_bytes(public_key).verify(signature, message)
-            return True
-        curves: dict[int, tuple[ec.EllipticCurve, hashes.HashAlgorithm]] = {
-            2: (ec.SECP256R1(), hashes.SHA256()),
-            5: (ec.SECP521R1(), hashes.SHA512()),
-            7: (ec.SECP384R1(), hashes.SHA384()),
-        }
-        if cipher_suite in curves:
-            curve, digest = curves[cipher_suite]
-            key = ec.EllipticCurvePublicKey.from_encoded_point(curve, public_key)
-            key.verify(signature, message, ec.ECDSA(digest))
-            return True
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    raise KeyPackageError(2, "cipher_suite", f"cannot verify signatures of cipher suite {cipher_suite}")
+def _verify(cipher_suite: int, public_key: bytes, signature: bytes, label: bytes, content: bytes) -> bool:
+    valid = verify_with_label(cipher_suite, public_key, signature, label, content)
+    if valid is None:
+        raise KeyPackageError(2, "cipher_suite", f"cannot verify signatures of cipher suite {cipher_suite}")
+    return valid
 
 
 def verify_leaf_node_signature(kp: KeyPackage) -> bool:
@@ -531,8 +428,7 @@ def verify_leaf_node_signature(kp: KeyPackage) -> bool:
     @raise KeyPackageError: for a cipher suite outside RFC 9420's 1-7.
     """
     leaf = kp.leaf_node
-    content = _sign_content(b"LeafNodeTBS", leaf.to_be_signed)
-    return _verify(kp.cipher_suite, leaf.signature_key, leaf.signature, content)
+    return _verify(kp.cipher_suite, leaf.signature_key, leaf.signature, b"LeafNodeTBS", leaf.to_be_signed)
 
 
 def verify_key_package_signature(kp: KeyPackage) -> bool:
@@ -544,5 +440,4 @@ def verify_key_package_signature(kp: KeyPackage) -> bool:
 
     @raise KeyPackageError: for a cipher suite outside RFC 9420's 1-7.
     """
-    content = _sign_content(b"KeyPackageTBS", kp.to_be_signed)
-    return _verify(kp.cipher_suite, kp.leaf_node.signature_key, kp.signature, content)
+    return _verify(kp.cipher_suite, kp.leaf_node.signature_key, kp.signature, b"KeyPackageTBS", kp.to_be_signed)

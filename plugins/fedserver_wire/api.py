@@ -33,34 +33,38 @@ C{inner}, or C{422 invalid-domain}).
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
-from twisted.web import resource, server
+from twisted.web import server
 
 from fedserver.errors import FederationError
+from fedserver.jsonapi import (
+    APIError,
+    JSONAPIResource,
+    Router,
+    bad_request,
+    domain,
+    json_object,
+    json_response,
+    parse_json,
+    query_integer,
+    query_params,
+    text,
+    uuid_id,
+)
 from fedserver.values import Response
-from fedserver.web import body_of, refuse, request_id_from, serve
+from fedserver.web import labelled_json
 from fedserver_wire.brig import WireBrig, search_term
 from fedserver_wire.checks import (
-    JSON_HEADERS,
     MAX_CONVERSATION_NAME,
     MAX_MEMBERS,
     MAX_NAME,
     MAX_TERM,
     MAX_TEXT,
     QualifiedId,
-    WireError,
-    bad_request,
-    domain,
     handle,
-    json_object,
-    json_response,
-    optional_int,
-    parse_json,
     qualified_ids,
-    text,
-    uuid_id,
 )
 from fedserver_wire.galley import WireGalley
 
@@ -69,8 +73,6 @@ SEGMENT = b"wire"
 #: inbox events per answer, by default and at most
 INBOX_PAGE = 100
 MAX_INBOX_PAGE = 500
-
-Handler = Callable[..., Awaitable[Response]]
 
 
 class WireAPI:
@@ -82,18 +84,16 @@ class WireAPI:
     def __init__(self, brig: WireBrig, galley: WireGalley) -> None:
         self.brig = brig
         self.galley = galley
-        #: (path template, method, handler, query parameters it accepts)
-        self.routes: List[Tuple[Tuple[str, ...], str, Handler, Tuple[str, ...]]] = [
-            (("users",), "POST", self._create_user, ()),
-            (("users", "{}", "inbox"), "GET", self._inbox, ("since", "size")),
-            (("search",), "GET", self._search, ("q",)),
-            (("handles", "{}", "{}"), "GET", self._by_handle, ()),
-            (("profiles", "{}", "{}"), "GET", self._profile, ()),
-            (("conversations",), "POST", self._create_conversation, ()),
-            (("conversations", "{}", "{}"), "GET", self._conversation, ("user",)),
-            (("conversations", "{}", "{}", "messages"), "POST", self._send, ()),
-            (("conversations", "{}", "{}", "leave"), "POST", self._leave, ()),
-        ]
+        self.router = Router(SEGMENT.decode(), "the wire API")
+        self.router.add("POST", ("users",), self._create_user)
+        self.router.add("GET", ("users", "{}", "inbox"), self._inbox, query=("since", "size"))
+        self.router.add("GET", ("search",), self._search, query=("q",))
+        self.router.add("GET", ("handles", "{}", "{}"), self._by_handle)
+        self.router.add("GET", ("profiles", "{}", "{}"), self._profile)
+        self.router.add("POST", ("conversations",), self._create_conversation)
+        self.router.add("GET", ("conversations", "{}", "{}"), self._conversation, query=("user",))
+        self.router.add("POST", ("conversations", "{}", "{}", "messages"), self._send)
+        self.router.add("POST", ("conversations", "{}", "{}", "leave"), self._leave)
 
     @property
     def backend_domain(self) -> str:
@@ -114,36 +114,13 @@ class WireAPI:
         self, method: str, path: str, args: Mapping[bytes, Sequence[bytes]], body: bytes, request_id: str
     ) -> Response:
         try:
-            handler, params, query_names = self._route(method, path)
-            query = _query(args, query_names)
+            handler, params, query_names = self.router.route(method, path)
+            query = query_params(args, query_names)
             return await handler(*params, query=query, body=body, request_id=request_id)
-        except WireError as e:
+        except APIError as e:
             return e.response()
         except FederationError as e:
-            return Response(e.code, JSON_HEADERS, e.to_bytes())
-
-    def _route(self, method: str, path: str) -> Tuple[Handler, List[str], Tuple[str, ...]]:
-        segments = path.split("/")
-        if segments[:2] != ["", SEGMENT.decode()]:
-            raise WireError(404, "no-endpoint", "the wire API is under /wire/")
-        segments = segments[2:]
-        allowed = []
-        for template, route_method, handler, query_names in self.routes:
-            if len(template) != len(segments):
-                continue
-            params = []
-            for expected, actual in zip(template, segments, strict=True):
-                if expected == "{}":
-                    params.append(actual)
-                elif expected != actual:
-                    break
-            else:
-                if route_method == method:
-                    return handler, params, query_names
-                allowed.append(route_method)
-        if allowed:
-            raise WireError(405, "method-not-allowed", f"{path[:200]} takes {', '.join(allowed)}, not {method}")
-        raise WireError(404, "no-endpoint", f"the wire API has no route {path[:200]}")
+            return labelled_json(e)
 
     def _body(self, body: bytes, *, required: Sequence[str]) -> Mapping[str, Any]:
         return json_object(parse_json(body, "the request body"), "the request body", required=required)
@@ -160,8 +137,8 @@ class WireAPI:
 
     async def _inbox(self, user_id: str, *, query: Dict[str, str], body: bytes, request_id: str) -> Response:
         user_id = uuid_id(user_id, "the user id")
-        since = optional_int(query.get("since"), "since", minimum=0, maximum=2**62, default=0)
-        size = optional_int(query.get("size"), "size", minimum=1, maximum=MAX_INBOX_PAGE, default=INBOX_PAGE)
+        since = query_integer(query.get("since"), "since", minimum=0, maximum=2**62, default=0)
+        size = query_integer(query.get("size"), "size", minimum=1, maximum=MAX_INBOX_PAGE, default=INBOX_PAGE)
         await self.brig.require_local_users([user_id])
         return json_response(await self.galley.inbox(user_id, since=since, limit=size))
 
@@ -184,7 +161,7 @@ class WireAPI:
         user_handle = handle(user_handle, "the handle")
         profile = await self.brig.lookup_handle(user_domain, user_handle, request_id)
         if profile is None:
-            raise WireError(404, "not-found", f"there is no user @{user_handle}@{user_domain}")
+            raise APIError(404, "not-found", f"there is no user @{user_handle}@{user_domain}")
         return json_response(profile)
 
     async def _profile(
@@ -193,7 +170,7 @@ class WireAPI:
         qid = QualifiedId(domain(user_domain, "the domain"), uuid_id(user_id, "the user id"))
         profiles = await self.brig.profiles(qid.domain, [qid.id], request_id)
         if not profiles:
-            raise WireError(404, "not-found", f"there is no user {qid}")
+            raise APIError(404, "not-found", f"there is no user {qid}")
         return json_response(profiles[0])
 
     async def _create_conversation(self, *, query: Dict[str, str], body: bytes, request_id: str) -> Response:
@@ -247,50 +224,18 @@ class WireAPI:
         return json_response(await self.galley.leave(qid, user_id, request_id))
 
 
-def _query(args: Mapping[bytes, Sequence[bytes]], names: Tuple[str, ...]) -> Dict[str, str]:
-    """The query parameters, decoded; each at most once and only those the route takes."""
-    query: Dict[str, str] = {}
-    for raw_name, values in args.items():
-        try:
-            name = raw_name.decode("utf-8")
-            decoded = [v.decode("utf-8") for v in values]
-        except UnicodeDecodeError:
-            raise bad_request("the query string is not UTF-8") from None
-        if name not in names:
-            known = ", ".join(names) or "none"
-            raise bad_request(f"unknown query parameter {name[:40]!r} (known: {known})")
-        if len(decoded) != 1:
-            raise bad_request(f"the query parameter {name!r} is given {len(decoded)} times")
-        query[name] = decoded[0]
-    return query
-
-
-class WireAPIResource(resource.Resource):
+class WireAPIResource(JSONAPIResource):
     """
     L{WireAPI} as a Twisted resource for C{/wire/}: bodies within
-    C{max_body_bytes}, one log line per request with its request id
-    (C{Request-Id} when the client sends one), no traceback ever shown.
+    C{max_body_bytes}, one log line per request with its request id, no
+    traceback ever shown (L{JSONAPIResource}).
     """
 
-    isLeaf = True
-
     def __init__(self, api: WireAPI, *, max_body_bytes: int) -> None:
-        super().__init__()
+        super().__init__("wire API", self._serve, max_body_bytes=max_body_bytes)
         self.api = api
-        self.max_body_bytes = max_body_bytes
 
-    def render(self, request: server.Request) -> int:
-        request_id = request_id_from(request, b"request-id")
-        try:
-            body = body_of(request, self.max_body_bytes)
-        except FederationError as e:
-            return refuse(request, e, request_id)
+    def _serve(self, request: server.Request, body: bytes, request_id: str) -> Deferred[Response]:
         method = request.method.decode("latin-1")
         path = request.path.decode("latin-1")
-        args: Optional[Dict[bytes, List[bytes]]] = request.args
-        return serve(
-            request,
-            lambda: self.api.handle(method, path, args or {}, body, request_id),
-            describe=f"wire API {method} {path[:120]}",
-            request_id=request_id,
-        )
+        return self.api.handle(method, path, request.args or {}, body, request_id)

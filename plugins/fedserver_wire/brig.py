@@ -40,22 +40,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from zope.interface import implementer
 
 from fedserver.interfaces import IComponentHandler
+from fedserver.jsonapi import RPC, APIError, RPCComponent, deferred, json_list, json_object, new_id, text, uuid_id
+from fedserver.rpc_client import RPCClient, unexpected_body
 from fedserver.values import FederatedCall
-from fedserver_wire.checks import (
-    MAX_IDS,
-    MAX_NAME,
-    MAX_TERM,
-    QualifiedId,
-    WireError,
-    handle,
-    json_list,
-    json_object,
-    new_id,
-    text,
-    uuid_id,
-)
-from fedserver_wire.component import RPC, RPCComponent, deferred
-from fedserver_wire.remote import Remote, unexpected_body
+from fedserver_wire.checks import MAX_IDS, MAX_NAME, MAX_TERM, QualifiedId, handle
 from fedserver_wire.store import LAST_RESORT_KEY_ID, NewUser, User, WireStore
 
 SEARCH_POLICIES = ("no_search", "exact_handle_search", "full_search")
@@ -84,7 +72,7 @@ def search_term(value: Any, where: str) -> str:
     """A search term: 1 to 128 characters; spaces and a leading C{@} are dropped, lower-cased."""
     term = text(value, where, maximum=MAX_TERM).strip().lstrip("@").lower()
     if not term:
-        raise WireError(400, "bad-request", f"{where} has nothing to search for")
+        raise APIError(400, "bad-request", f"{where} has nothing to search for")
     return term
 
 
@@ -107,7 +95,7 @@ class WireBrig(RPCComponent):
     def __init__(
         self,
         store: WireStore,
-        remote: Remote,
+        remote: RPCClient,
         *,
         clock: Any,
         prekeys: int = 10,
@@ -191,14 +179,14 @@ class WireBrig(RPCComponent):
         existing = await self.store.existing_users(ids)
         for user_id in ids:
             if user_id not in existing:
-                raise WireError(404, "not-found", f"there is no user {user_id} on {self.backend_domain}")
+                raise APIError(404, "not-found", f"there is no user {user_id} on {self.backend_domain}")
 
     @deferred
     async def local_bundle(self, user_id: str) -> Dict[str, Any]:
         """Claim a prekey bundle of local user C{user_id}."""
         claimed = await self.store.claim_prekey_bundle(user_id)
         if claimed is None:
-            raise WireError(404, "not-found", f"there is no user {user_id} on {self.backend_domain}")
+            raise APIError(404, "not-found", f"there is no user {user_id} on {self.backend_domain}")
         return {
             "user": user_id,
             "clients": [{"client": c.client_id, "prekey": {"id": c.key_id, "key": c.key}} for c in claimed],
@@ -234,7 +222,7 @@ class WireBrig(RPCComponent):
         try:
             found = json_object(answer, "the answer", required=("documents",), strict=False)["documents"]
             documents = json_list(found, "documents", maximum=MAX_SEARCH_RESULTS)
-        except WireError as e:
+        except APIError as e:
             raise unexpected_body(domain, path, e.message) from None
         return [remote_profile(d, domain, path) for d in documents]
 
@@ -247,7 +235,7 @@ class WireBrig(RPCComponent):
         answer = await self.remote.call(domain, "brig", "get-users-by-ids", list(ids), request_id)
         try:
             items = json_list(answer, "the answer", maximum=len(ids))
-        except WireError as e:
+        except APIError as e:
             raise unexpected_body(domain, path, e.message) from None
         profiles = [remote_profile(p, domain, path) for p in items]
         for p in profiles:
@@ -264,7 +252,7 @@ class WireBrig(RPCComponent):
         answer = await self.remote.call(user.domain, "brig", "claim-prekey-bundle", {"user": user.id}, request_id)
         try:
             bundle = prekey_bundle(answer)
-        except WireError as e:
+        except APIError as e:
             raise unexpected_body(user.domain, path, e.message) from None
         if bundle["user"] != user.id:
             raise unexpected_body(user.domain, path, f"the bundle of {bundle['user']}, not of {user.id}")
@@ -284,7 +272,7 @@ def remote_profile(value: Any, domain: str, path: str) -> Dict[str, Any]:
             "handle": handle(profile["handle"], "handle"),
             "name": text(profile["name"], "name", maximum=MAX_NAME),
         }
-    except WireError as e:
+    except APIError as e:
         raise unexpected_body(domain, path, e.message) from None
     if qid.domain != domain:
         raise unexpected_body(domain, path, f"a profile of a user of {qid.domain}: {domain} does not own it")
@@ -300,15 +288,15 @@ def prekey_bundle(value: Any) -> Dict[str, Any]:
         client = json_object(item, where, required=("client", "prekey"), strict=False)
         client_id = client["client"]
         if not isinstance(client_id, str) or not CLIENT_ID.fullmatch(client_id):
-            raise WireError(400, "bad-request", f"{where}.client is not a client id (1 to 16 hex digits)")
+            raise APIError(400, "bad-request", f"{where}.client is not a client id (1 to 16 hex digits)")
         prekey = json_object(client["prekey"], f"{where}.prekey", required=("id", "key"), strict=False)
         key_id = prekey["id"]
         if not isinstance(key_id, int) or isinstance(key_id, bool) or not 0 <= key_id <= LAST_RESORT_KEY_ID:
-            raise WireError(400, "bad-request", f"{where}.prekey.id is not a prekey id (0 to 65535)")
+            raise APIError(400, "bad-request", f"{where}.prekey.id is not a prekey id (0 to 65535)")
         key = text(prekey["key"], f"{where}.prekey.key", maximum=MAX_KEY)
         try:
             base64.b64decode(key, validate=True)
         except ValueError:
-            raise WireError(400, "bad-request", f"{where}.prekey.key is not base64") from None
+            raise APIError(400, "bad-request", f"{where}.prekey.key is not base64") from None
         clients.append({"client": client_id, "prekey": {"id": key_id, "key": key}})
     return {"user": uuid_id(bundle["user"], "user"), "clients": clients}

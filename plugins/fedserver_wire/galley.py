@@ -57,6 +57,19 @@ from zope.interface import implementer
 
 from fedserver.errors import FederationError
 from fedserver.interfaces import IComponentHandler
+from fedserver.jsonapi import (
+    RPC,
+    APIError,
+    RPCComponent,
+    bad_request,
+    deferred,
+    json_list,
+    json_object,
+    new_id,
+    text,
+    uuid_id,
+)
+from fedserver.rpc_client import RPCClient, unexpected_body
 from fedserver.values import FederatedCall
 from fedserver_wire.checks import (
     MAX_CONVERSATION_NAME,
@@ -64,19 +77,10 @@ from fedserver_wire.checks import (
     MAX_MEMBERS,
     MAX_TEXT,
     QualifiedId,
-    WireError,
-    bad_request,
     iso_time,
-    json_list,
-    json_object,
-    new_id,
     qualified_ids,
-    text,
     timestamp,
-    uuid_id,
 )
-from fedserver_wire.component import RPC, RPCComponent, deferred
-from fedserver_wire.remote import Remote, unexpected_body
 from fedserver_wire.store import Conversation, Message, NewEvent, WireStore
 
 log = Logger(namespace="fedserver_wire.galley")
@@ -85,9 +89,9 @@ CREATE_EVENT = "conversation.create"
 MESSAGE_EVENT = "conversation.message-add"
 
 
-def not_owner(conversation: QualifiedId, origin: str) -> WireError:
+def not_owner(conversation: QualifiedId, origin: str) -> APIError:
     """C{403 not-conversation-owner}: an C{on-*} RPC from a backend that does not own the conversation."""
-    return WireError(
+    return APIError(
         403,
         "not-conversation-owner",
         f"{origin} does not own the conversation {conversation}: only {conversation.domain} "
@@ -95,14 +99,14 @@ def not_owner(conversation: QualifiedId, origin: str) -> WireError:
     )
 
 
-def no_conversation(conversation: QualifiedId) -> WireError:
+def no_conversation(conversation: QualifiedId) -> APIError:
     """C{404 no-conversation}."""
-    return WireError(404, "no-conversation", f"there is no conversation {conversation} here")
+    return APIError(404, "no-conversation", f"there is no conversation {conversation} here")
 
 
-def access_denied(message: str) -> WireError:
+def access_denied(message: str) -> APIError:
     """C{403 access-denied}."""
-    return WireError(403, "access-denied", message)
+    return APIError(403, "access-denied", message)
 
 
 def conversation_json(conversation: Conversation, members: Sequence[QualifiedId]) -> Dict[str, Any]:
@@ -150,7 +154,7 @@ class WireGalley(RPCComponent):
 
     name = "galley"
 
-    def __init__(self, store: WireStore, remote: Remote, *, clock: Any) -> None:
+    def __init__(self, store: WireStore, remote: RPCClient, *, clock: Any) -> None:
         self.store = store
         self.remote = remote
         self.clock = clock
@@ -218,7 +222,7 @@ class WireGalley(RPCComponent):
         existing = await self.store.existing_users(local)
         for user_id in local:
             if user_id not in existing:
-                raise WireError(404, "not-found", f"there is no user {user_id} on {self.backend_domain}")
+                raise APIError(404, "not-found", f"there is no user {user_id} on {self.backend_domain}")
         event = NewEvent(
             key=f"{CREATE_EVENT}:{qid}",
             type=CREATE_EVENT,
@@ -309,7 +313,7 @@ class WireGalley(RPCComponent):
     ) -> Tuple[str, Optional[Dict[str, Any]]]:
         try:
             await self.remote.call(domain, "galley", rpc, body, request_id)
-        except (FederationError, WireError) as e:
+        except (FederationError, APIError) as e:
             log.warn(
                 "galley: {rpc} to {domain} failed: {label}: {message} [request {request_id}]",
                 rpc=rpc, domain=domain, label=e.label, message=e.message, request_id=request_id,
@@ -397,7 +401,7 @@ class WireGalley(RPCComponent):
                 "time": timestamp(sent["time"], "message.time"),
             }
             failed = json_list(result["failed_to_send"], "failed_to_send", maximum=MAX_MEMBERS)
-        except WireError as e:
+        except APIError as e:
             raise unexpected_body(qid.domain, path, e.message) from None
         return {"message": message, "failed_to_send": failed}
 
@@ -434,10 +438,10 @@ class WireGalley(RPCComponent):
             found = json_object(answer, "the answer", required=("conversations",), strict=False)
             items = json_list(found["conversations"], "conversations", maximum=1)
             metadata = [remote_conversation(item) for item in items]
-        except WireError as e:
+        except APIError as e:
             raise unexpected_body(qid.domain, path, e.message) from None
         if not metadata or metadata[0]["qualified_id"] != qid.to_json():
-            raise WireError(
+            raise APIError(
                 404, "no-conversation", f"{qid.domain} does not show the conversation {qid} to {user}"
             )
         return metadata[0]

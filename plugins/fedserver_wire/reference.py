@@ -31,10 +31,10 @@ from fedserver.config import Options
 from fedserver.context import Context
 from fedserver.errors import ConfigError
 from fedserver.hookspecs import hookimpl
+from fedserver.rpc_client import RPCClient
 from fedserver_wire.api import SEGMENT, WireAPI, WireAPIResource
 from fedserver_wire.brig import MAX_SEARCH_RESULTS, SEARCH_POLICIES, WireBrig
 from fedserver_wire.galley import WireGalley
-from fedserver_wire.remote import Remote
 from fedserver_wire.store import SCHEMA_OWNER, SCHEMA_STEPS, WireStore
 
 
@@ -43,9 +43,9 @@ def _store(context: Context) -> WireStore:
     return WireStore(context.storage, context.backend_domain)
 
 
-def _remote(context: Context) -> Remote:
+def _remote(context: Context) -> RPCClient:
     # the pipeline is built after the components: look it up at call time
-    return Remote(context.backend_domain, lambda: context.pipeline)
+    return RPCClient(context.backend_domain, lambda: context.pipeline)
 
 
 def _check_name(options: Options, expected: str) -> None:

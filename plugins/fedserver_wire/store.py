@@ -26,7 +26,8 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
-from fedserver_wire.checks import QualifiedId, WireError
+from fedserver.jsonapi import APIError
+from fedserver_wire.checks import QualifiedId
 
 SCHEMA_OWNER = "wire-reference"
 
@@ -241,7 +242,7 @@ class WireStore:
     def _create_user(cursor: Any, user: NewUser) -> None:
         cursor.execute("SELECT id FROM wire_users WHERE handle = ?", (user.handle,))
         if cursor.fetchone() is not None:
-            raise WireError(409, "handle-exists", f"the handle {user.handle!r} is taken")
+            raise APIError(409, "handle-exists", f"the handle {user.handle!r} is taken")
         cursor.execute(
             "INSERT INTO wire_users (id, handle, name, created) VALUES (?, ?, ?, ?)",
             (user.id, user.handle, user.name, user.created),

@@ -12,6 +12,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedserver_mimi.encode import (
+    KeyPackageSpec,
+    encode_extensions,
+    encode_x509_credential,
+    sign_content,
+    u16,
+    u16_list,
+    varint,
+    vec,
+)
 from fedserver_mimi.keypackage import (
     CIPHER_SUITE_NAMES,
     MAX_CERTIFICATES,
@@ -49,83 +59,29 @@ PUBLISHED_KEY_PACKAGES = [
 ]
 
 
-# A small encoder for building KeyPackages in the tests.
+# KeyPackages for the tests are built with fedserver_mimi.encode's KeyPackageSpec,
+# which checks nothing, so malformed packages can be built too: each field but
+# the keys is given encoded.
+
+SIGNING_KEY = nacl.signing.SigningKey(b"\x07" * 32)
+
+BUILDER_DEFAULTS: dict[str, typing.Any] = {
+    "signing_key": SIGNING_KEY,
+    "init_key": b"\x01" * 32,
+    "encryption_key": b"\x02" * 32,
+    "credential": u16(1) + vec(b"alice@example.com"),
+    "capabilities": u16_list([1]) + u16_list([1, 3]) + u16_list([]) + u16_list([]) + u16_list([1, 2]),
+    "source": b"\x01" + (1_700_000_000).to_bytes(8, "big") + (1_700_086_400).to_bytes(8, "big"),
+}
 
 
-def varint(n: int) -> bytes:
-    if n < 1 << 6:
-        return n.to_bytes(1, "big")
-    if n < 1 << 14:
-        return (n | 0x4000).to_bytes(2, "big")
-    return (n | 0x80000000).to_bytes(4, "big")
-
-
-def vec(data: bytes) -> bytes:
-    return varint(len(data)) + data
-
-
-def u16(n: int) -> bytes:
-    return n.to_bytes(2, "big")
-
-
-def u16_list(values: tuple[int, ...] | list[int]) -> bytes:
-    return vec(b"".join(u16(v) for v in values))
-
-
-def encode_extensions(extensions: list[tuple[int, bytes]]) -> bytes:
-    return vec(b"".join(u16(t) + vec(d) for t, d in extensions))
-
-
-def sign_content(label: bytes, content: bytes) -> bytes:
-    return vec(b"MLS 1.0 " + label) + vec(content)
-
-
-@attrs.define
-class Builder:
-    """The fields of a KeyPackage, encoded by L{encode}, signed with Ed25519."""
-
-    signing_key: nacl.signing.SigningKey = attrs.field(factory=lambda: nacl.signing.SigningKey(b"\x07" * 32))
-    version: int = 1
-    cipher_suite: int = 1
-    init_key: bytes = b"\x01" * 32
-    encryption_key: bytes = b"\x02" * 32
-    signature_key: bytes | None = None
-    credential: bytes = u16(1) + vec(b"alice@example.com")
-    capabilities: bytes = u16_list([1]) + u16_list([1, 3]) + u16_list([]) + u16_list([]) + u16_list([1, 2])
-    source: bytes = b"\x01" + (1_700_000_000).to_bytes(8, "big") + (1_700_086_400).to_bytes(8, "big")
-    leaf_extensions: bytes = encode_extensions([])
-    extensions: bytes = encode_extensions([])
-    leaf_signature: bytes | None = None
-    signature: bytes | None = None
-
-    def sign(self, label: bytes, content: bytes) -> bytes:
-        return self.signing_key.sign(sign_content(label, content)).signature
-
-    def encode(self) -> bytes:
-        sig_key = self.signature_key
-        if sig_key is None:
-            sig_key = bytes(self.signing_key.verify_key)
-        leaf_tbs = (
-            vec(self.encryption_key)
-            + vec(sig_key)
-            + self.credential
-            + self.capabilities
-            + self.source
-            + self.leaf_extensions
-        )
-        leaf_sig = self.leaf_signature
-        if leaf_sig is None:
-            leaf_sig = self.sign(b"LeafNodeTBS", leaf_tbs)
-        tbs = u16(self.version) + u16(self.cipher_suite) + vec(self.init_key) + leaf_tbs + vec(leaf_sig)
-        tbs += self.extensions
-        sig = self.signature
-        if sig is None:
-            sig = self.sign(b"KeyPackageTBS", tbs)
-        return tbs + vec(sig)
+def Builder(**fields: typing.Any) -> KeyPackageSpec:
+    """The tests' default KeyPackage with C{fields} replaced; C{encode()} signs it with Ed25519."""
+    return KeyPackageSpec(**{**BUILDER_DEFAULTS, **fields})
 
 
 def x509_credential(*certs: bytes) -> bytes:
-    return u16(2) + vec(b"".join(vec(c) for c in certs))
+    return encode_x509_credential(certs)
 
 
 def error_of(data: bytes) -> KeyPackageError:
@@ -233,7 +189,7 @@ class TestSignatures:
         assert not verify_leaf_node_signature(kp)
         # The right signature over the wrong label.
         b = Builder()
-        b.signature = b.signing_key.sign(sign_content(b"LeafNodeTBS", b.encode()[:-66])).signature
+        b = attrs.evolve(b, signature=b.signing_key.sign(sign_content(b"LeafNodeTBS", b.encode()[:-66])).signature)
         assert not verify_key_package_signature(parse_key_package(b.encode()))
         # A signature of the wrong size.
         assert not verify_key_package_signature(parse_key_package(Builder(signature=b"short").encode()))
@@ -249,17 +205,24 @@ class TestSignatures:
         public = private.public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
-        b = Builder(cipher_suite=2, init_key=b"\x04" + b"i" * 64, encryption_key=b"\x04" + b"e" * 64)
-        b.signature_key = public
-        b.leaf_signature = b.signature = b"\x00"
+        b = Builder(
+            cipher_suite=2,
+            init_key=b"\x04" + b"i" * 64,
+            encryption_key=b"\x04" + b"e" * 64,
+            signature_key=public,
+            leaf_signature=b"\x00",
+            signature=b"\x00",
+        )
         leaf_tbs = parse_key_package(b.encode()).leaf_node.to_be_signed
-        b.leaf_signature = private.sign(sign_content(b"LeafNodeTBS", leaf_tbs), ec.ECDSA(hashes.SHA256()))
+        leaf_signature = private.sign(sign_content(b"LeafNodeTBS", leaf_tbs), ec.ECDSA(hashes.SHA256()))
+        b = attrs.evolve(b, leaf_signature=leaf_signature)
         tbs = parse_key_package(b.encode()).to_be_signed
-        b.signature = private.sign(sign_content(b"KeyPackageTBS", tbs), ec.ECDSA(hashes.SHA256()))
+        signature = private.sign(sign_content(b"KeyPackageTBS", tbs), ec.ECDSA(hashes.SHA256()))
+        b = attrs.evolve(b, signature=signature)
         kp = parse_key_package(b.encode())
         assert verify_leaf_node_signature(kp)
         assert verify_key_package_signature(kp)
-        b.signature = b.signature[:-1] + bytes([b.signature[-1] ^ 1])
+        b = attrs.evolve(b, signature=signature[:-1] + bytes([signature[-1] ^ 1]))
         assert not verify_key_package_signature(parse_key_package(b.encode()))
 
     def test_unknown_suite(self):

@@ -16,7 +16,8 @@ from zope.interface.verify import verifyObject
 
 from fedserver.errors import FederationError
 from fedserver.interfaces import IComponentHandler
-from fedserver_wire.checks import QualifiedId, WireError
+from fedserver.jsonapi import APIError
+from fedserver_wire.checks import QualifiedId
 from fedserver_wire.store import LAST_RESORT_KEY_ID
 from tests.unit.helpers import json_response
 from tests.unit.wire_helpers import RecordingPipeline, answer_json, backend_factory, bounded, ok, refusal, uid
@@ -39,8 +40,8 @@ def profile_of(handle: str, domain: str = "b.example", user_id: str = B_ID, name
     return {"qualified_id": {"id": user_id, "domain": domain}, "handle": handle, "name": name}
 
 
-async def refused(d, code: int, label: str) -> WireError:
-    with pytest.raises(WireError) as info:
+async def refused(d, code: int, label: str) -> APIError:
+    with pytest.raises(APIError) as info:
         await bounded(d)
     assert (info.value.code, info.value.label) == (code, label), info.value
     return info.value

@@ -1,6 +1,7 @@
 """
-L{fedserver_wire.checks}: labelled refusals and the checks on every value a
-peer or a client sends.
+L{fedserver_wire.checks} and the L{fedserver.jsonapi} checks the Wire plugin
+uses: labelled refusals and the checks on every value a peer or a client
+sends.
 """
 
 from __future__ import annotations
@@ -11,37 +12,33 @@ from typing import Any, Iterator
 
 import pytest
 
-from fedserver_wire.checks import (
-    QualifiedId,
-    WireError,
+from fedserver.jsonapi import (
+    APIError,
     bad_request,
     domain,
-    handle,
-    iso_time,
     json_list,
     json_object,
     json_response,
-    optional_int,
     parse_json,
-    qualified_ids,
+    query_integer,
     text,
-    timestamp,
     uuid_id,
 )
+from fedserver_wire.checks import QualifiedId, handle, iso_time, qualified_ids, timestamp
 
 ID = "d389b370-5f7d-4efd-9f9a-8d525540ad93"
 
 
 @contextmanager
 def refused(label: str, code: int = 400) -> Iterator[Any]:
-    """Assert that the block raises a L{WireError} with C{label} and C{code}."""
-    with pytest.raises(WireError) as info:
+    """Assert that the block raises an L{APIError} with C{label} and C{code}."""
+    with pytest.raises(APIError) as info:
         yield info
     assert (info.value.code, info.value.label) == (code, label), info.value
 
 
 def test_a_refusal_is_labelled_json():
-    error = WireError(403, "access-denied", "no")
+    error = APIError(403, "access-denied", "no")
     response = error.response()
     assert response.code == 403
     assert response.header("content-type") == "application/json"
@@ -173,8 +170,8 @@ def test_times():
 
 
 def test_query_integers():
-    assert optional_int(None, "size", minimum=1, maximum=5, default=3) == 3
-    assert optional_int("5", "size", minimum=1, maximum=5, default=3) == 5
+    assert query_integer(None, "size", minimum=1, maximum=5, default=3) == 3
+    assert query_integer("5", "size", minimum=1, maximum=5, default=3) == 5
     for value in ["0", "6", "-1", "x", "1.5", "٣"]:
         with refused("bad-request"):
-            optional_int(value, "size", minimum=1, maximum=5, default=3)
+            query_integer(value, "size", minimum=1, maximum=5, default=3)

@@ -1,6 +1,6 @@
 """
-L{fedserver_wire.component}: the RPC dispatch the reference brig and galley
-share, and what a peer sees when an RPC is refused or breaks.
+L{fedserver.jsonapi.RPCComponent}: the RPC dispatch the reference brig and
+galley share, and what a peer sees when an RPC is refused or breaks.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from zope.interface.verify import verifyObject
 from fedserver.errors import FederationError
 from fedserver.interfaces import IComponentHandler
 from fedserver.inward import InwardFederationResource
+from fedserver.jsonapi import RPC, APIError, RPCComponent
 from fedserver.values import FederatedCall
-from fedserver_wire.checks import WireError
-from fedserver_wire.component import RPC, RPCComponent
 from tests.unit.helpers import (
     HTTPConnection,
     failure_result_of,
@@ -40,7 +39,7 @@ class Echo(RPCComponent):
         return {"origin": call.origin_domain, "body": body}
 
     async def _refuse(self, call: FederatedCall, body: Any) -> Any:
-        raise WireError(403, "access-denied", "not you")
+        raise APIError(403, "access-denied", "not you")
 
     async def _deny(self, call: FederatedCall, body: Any) -> Any:
         raise FederationError("the backing store is down", "component-unavailable")

@@ -15,7 +15,8 @@ from zope.interface.verify import verifyObject
 
 from fedserver.errors import FederationError
 from fedserver.interfaces import IComponentHandler
-from fedserver_wire.checks import QualifiedId, WireError
+from fedserver.jsonapi import APIError
+from fedserver_wire.checks import QualifiedId
 from tests.unit.helpers import json_response
 from tests.unit.wire_helpers import (
     Backend,
@@ -468,7 +469,7 @@ async def test_sending_to_a_remote_conversation_goes_to_its_owner(backends, pipe
                                                     "text": "hi"})]
     for bad in [{"message": {}}, {"failed_to_send": []}, []]:
         pipeline.answer(B, "galley", "send-message", ok(bad))
-        with pytest.raises(WireError) as info:
+        with pytest.raises(APIError) as info:
             await bounded(a.galley.send_message(QualifiedId(B, CONV_B["id"]), uid(alice), "hi", "r"))
         assert info.value.label == "federation-unexpected-body"
 
@@ -501,13 +502,13 @@ async def test_remote_metadata_comes_from_the_owner(backends, pipeline):
     assert await bounded(a.galley.conversation_for(conv, uid(alice), "r")) == metadata
     assert pipeline.bodies("get-conversations") == [(B, {"user": qid(alice), "ids": [CONV_B["id"]]})]
     pipeline.answer(B, "galley", "get-conversations", ok({"conversations": []}))
-    with pytest.raises(WireError) as info:
+    with pytest.raises(APIError) as info:
         await bounded(a.galley.conversation_for(conv, uid(alice), "r"))
     assert (info.value.code, info.value.label) == (404, "no-conversation")
     other = dict(metadata, qualified_id={"id": CONV_B["id"], "domain": C})
     for bad in [{"conversations": [other]}, {"conversations": [{"name": "x"}]}, {"x": 1}]:
         pipeline.answer(B, "galley", "get-conversations", ok(bad))
-        with pytest.raises(WireError) as info:
+        with pytest.raises(APIError) as info:
             await bounded(a.galley.conversation_for(conv, uid(alice), "r"))
         assert info.value.label in ("federation-unexpected-body", "no-conversation")
 
@@ -523,11 +524,11 @@ async def test_local_operations_need_a_member(backends, pipeline):
         a.galley.leave(conv, uid(eve), "r"),
         a.galley.conversation_for(conv, uid(eve), "r"),
     ):
-        with pytest.raises(WireError) as info:
+        with pytest.raises(APIError) as info:
             await bounded(operation)
         assert (info.value.code, info.value.label) == (403, "access-denied")
     unknown = QualifiedId(B, "00000000-0000-4000-8000-0000000000aa")
-    with pytest.raises(WireError) as info:
+    with pytest.raises(APIError) as info:
         await bounded(a.galley.send_message(unknown, uid(eve), "hi", "r"))
     assert (info.value.code, info.value.label) == (404, "no-conversation")
     assert pipeline.calls == []

@@ -11,8 +11,9 @@ import sqlite3
 import pytest
 import pytest_twisted
 
+from fedserver.jsonapi import APIError
 from fedserver.storage import Store
-from fedserver_wire.checks import QualifiedId, WireError
+from fedserver_wire.checks import QualifiedId
 from fedserver_wire.store import (
     LAST_RESORT_KEY_ID,
     SCHEMA_OWNER,
@@ -99,7 +100,7 @@ async def test_users_by_handle_and_id(wire, db):
 @pytest_twisted.ensureDeferred
 async def test_a_taken_handle_is_refused_and_nothing_is_written(wire, db):
     await bounded(wire.create_user(new_user(1, "alice")))
-    with pytest.raises(WireError) as info:
+    with pytest.raises(APIError) as info:
         await bounded(wire.create_user(new_user(2, "alice")))
     assert (info.value.code, info.value.label) == (409, "handle-exists")
     assert rows(db, "SELECT count(*) FROM wire_users") == [(1,)]

@@ -1,12 +1,12 @@
 """
-Calling a remote backend's brig or galley from the reference components.
+Calling another backend's component from inside a plugin.
 
 Calls go in process through the configured L{fedserver.pipeline.Pipeline}
 (C{call_remote}), so they pass the same authorizers, discovery and
-authentication as any call that arrives on the outward listener.  A
-non-2xx answer becomes C{533 federation-remote-error} with the remote's
-error under C{inner}, exactly as the outward listener reports it; every
-labelled error names the domain called and the route in C{data}.
+authentication as any call that arrives on the outward listener.  A non-2xx
+answer becomes C{533 federation-remote-error} with the remote's error under
+C{inner}, exactly as the outward listener reports it; every labelled error
+names the domain called and the route in C{data}.
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 
 from fedserver.errors import FederationError
+from fedserver.jsonapi import APIError
 from fedserver.pipeline import remote_error
 from fedserver.values import FederatedCall
-from fedserver_wire.checks import WireError
 
 
-def unexpected_body(domain: str, path: str, reason: str) -> WireError:
+def unexpected_body(domain: str, path: str, reason: str) -> APIError:
     """
     C{533 federation-unexpected-body}: the remote answered 2xx with a body
     that is not what the RPC returns (wire-server's label for this).
     """
-    return WireError(533, "federation-unexpected-body", f"{domain} answered {path} with {reason}")
+    return APIError(533, "federation-unexpected-body", f"{domain} answered {path} with {reason}")
 
 
-class Remote:
+class RPCClient:
     """
-    Sends RPCs from our backend domain to other backends' components.
+    Sends JSON RPCs from our backend domain to other backends' components.
 
     @param pipeline: gives the running pipeline (C{context.pipeline}, which
         is set only after every component is built), or C{None}.
@@ -49,7 +49,7 @@ class Remote:
 
         Fails with a labelled L{FederationError} when the pipeline refuses
         or cannot deliver the call or the remote answers non-2xx, and with
-        L{WireError} C{federation-unexpected-body} when a 2xx answer is not
+        L{APIError} C{federation-unexpected-body} when a 2xx answer is not
         JSON.
         """
         return Deferred.fromCoroutine(self._call(domain, component, rpc, body, request_id))

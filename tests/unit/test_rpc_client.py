@@ -1,5 +1,5 @@
 """
-L{fedserver_wire.remote}: RPCs to other backends through the pipeline, and
+L{fedserver.rpc_client}: RPCs to other backends through the pipeline, and
 how their failures are labelled.
 """
 
@@ -10,9 +10,9 @@ import json
 from twisted.internet.defer import Deferred
 
 from fedserver.errors import FederationDenied
+from fedserver.jsonapi import APIError
+from fedserver.rpc_client import RPCClient
 from fedserver.values import Response
-from fedserver_wire.checks import WireError
-from fedserver_wire.remote import Remote
 from tests.unit.helpers import failure_result_of, json_response, labelled_failure, make_rig, success_result_of
 from tests.unit.wire_helpers import RecordingPipeline, ok
 
@@ -20,7 +20,7 @@ from tests.unit.wire_helpers import RecordingPipeline, ok
 def test_a_call_goes_through_the_pipeline_as_a_federated_call():
     pipeline = RecordingPipeline()
     pipeline.answer("b.example", "brig", "get-user-by-handle", ok({"handle": "bob"}))
-    remote = Remote("a.example", lambda: pipeline)
+    remote = RPCClient("a.example", lambda: pipeline)
     assert success_result_of(remote.call("b.example", "brig", "get-user-by-handle", {"handle": "bob"}, "r1")) == {
         "handle": "bob"
     }
@@ -34,7 +34,7 @@ def test_a_call_goes_through_the_pipeline_as_a_federated_call():
 
 def test_the_real_pipeline_authorizes_discovers_and_sends():
     rig = make_rig(outcomes={"fed.b.example": json_response(200, ["ok"])})
-    remote = Remote("a.example", lambda: rig.pipeline)
+    remote = RPCClient("a.example", lambda: rig.pipeline)
     assert success_result_of(remote.call("b.example", "galley", "on-message-sent", {}, "r2")) == ["ok"]
     assert [e[0] for e in rig.events] == ["authorize_outbound", "authorize_outbound", "discover", "prepare", "send"]
     target, request = rig.client.sent[0]
@@ -45,7 +45,7 @@ def test_the_real_pipeline_authorizes_discovers_and_sends():
 
 def test_a_refusal_by_an_authorizer_names_domain_and_path():
     rig = make_rig(deny=(True,))
-    remote = Remote("a.example", lambda: rig.pipeline)
+    remote = RPCClient("a.example", lambda: rig.pipeline)
     error = labelled_failure(remote.call("b.example", "brig", "search-users", {}, "r"), "federation-denied")
     assert error.data == {"type": "federation", "domain": "b.example", "path": "/federation/brig/search-users"}
     assert not rig.client.sent
@@ -55,7 +55,7 @@ def test_a_non_2xx_answer_is_a_remote_error_with_the_inner_refusal():
     pipeline = RecordingPipeline()
     inner = {"code": 404, "label": "not-found", "message": "no such user"}
     pipeline.answer("b.example", "brig", "claim-prekey-bundle", json_response(404, inner))
-    remote = Remote("a.example", lambda: pipeline)
+    remote = RPCClient("a.example", lambda: pipeline)
     error = labelled_failure(remote.call("b.example", "brig", "claim-prekey-bundle", {}, "r"),
                              "federation-remote-error")
     assert error.code == 533
@@ -66,8 +66,8 @@ def test_a_non_2xx_answer_is_a_remote_error_with_the_inner_refusal():
 def test_a_2xx_answer_that_is_not_json():
     pipeline = RecordingPipeline()
     pipeline.answer("b.example", "brig", "x", Response(200, [], b"<html>"))
-    failure = failure_result_of(Remote("a.example", lambda: pipeline).call("b.example", "brig", "x", {}, "r"),
-                                WireError)
+    failure = failure_result_of(RPCClient("a.example", lambda: pipeline).call("b.example", "brig", "x", {}, "r"),
+                                APIError)
     assert (failure.value.code, failure.value.label) == (533, "federation-unexpected-body")
     assert "b.example" in failure.value.message
 
@@ -75,21 +75,21 @@ def test_a_2xx_answer_that_is_not_json():
 def test_failures_of_the_pipeline_keep_their_label():
     pipeline = RecordingPipeline()
     pipeline.answer("b.example", "brig", "x", FederationDenied("b.example is not allowed"))
-    error = labelled_failure(Remote("a.example", lambda: pipeline).call("b.example", "brig", "x", {}, "r"),
+    error = labelled_failure(RPCClient("a.example", lambda: pipeline).call("b.example", "brig", "x", {}, "r"),
                              "federation-denied")
     assert error.data["domain"] == "b.example"
     # an unknown domain, as discovery says
-    labelled_failure(Remote("a.example", lambda: pipeline).call("c.example", "brig", "x", {}, "r"), "invalid-domain")
+    labelled_failure(RPCClient("a.example", lambda: pipeline).call("c.example", "brig", "x", {}, "r"), "invalid-domain")
 
 
 def test_before_the_pipeline_exists():
-    error = labelled_failure(Remote("a.example", lambda: None).call("b.example", "brig", "x", {}, "r"),
+    error = labelled_failure(RPCClient("a.example", lambda: None).call("b.example", "brig", "x", {}, "r"),
                              "federation-not-available")
     assert "starting" in error.message
 
 
 def test_our_own_domain_is_never_federated():
     pipeline = RecordingPipeline()
-    d: Deferred = Remote("a.example", lambda: pipeline).call("a.example", "brig", "x", {}, "r")
+    d: Deferred = RPCClient("a.example", lambda: pipeline).call("a.example", "brig", "x", {}, "r")
     assert "handled locally" in str(failure_result_of(d, ValueError).value)
     assert not pipeline.calls
