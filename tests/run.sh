@@ -5,6 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# system tools the tests run: openssl (the MIMI identity tests make chains with it)
+if ! command -v openssl >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -q && apt-get install -y -q openssl
+    else
+        echo "tests/run.sh: the openssl command is missing; install it (apt-get install openssl)" >&2
+        exit 1
+    fi
+fi
+
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test,dev]' --config-settings editable_mode=strict

@@ -289,15 +289,13 @@ def test_basic_provider(tmp_path):
 
 # --- chains made by openssl ---------------------------------------------------------
 
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
-
-
 def openssl(*args: str, cwd: Any) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
 
 
-def openssl_chain(directory: Any, kind: str, days: int = 30) -> None:
-    """root.pem (CN example.com) -> inter.pem (CN alice) -> leaf.pem (CN phone), chain.pem leaf first."""
+def openssl_chain(directory: Any, kind: str, days: int = 30, account: str = "alice") -> None:
+    """root.pem (CN example.com) -> inter.pem (CN C{account}) -> leaf.pem (CN phone), chain.pem leaf first."""
+    assert shutil.which("openssl"), "these tests need the openssl command (tests/run.sh installs it)"
     directory.mkdir()
     algorithm = ["-algorithm", "ED25519"] if kind == "ed25519" else [
         "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]
@@ -312,9 +310,10 @@ def openssl_chain(directory: Any, kind: str, days: int = 30) -> None:
     openssl("req", "-x509", "-new", "-key", "root.key", "-subj", "/CN=example.com", "-days", "3650",
             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
             "-out", "root.pem", cwd=directory)
-    for name, issuer, cn, ext, valid in (("inter", "root", "alice", "ca.ext", "3650"),
+    for name, issuer, cn, ext, valid in (("inter", "root", account, "ca.ext", "3650"),
                                          ("leaf", "inter", "phone", "leaf.ext", str(days))):
-        openssl("req", "-new", "-key", f"{name}.key", "-subj", f"/CN={cn}", "-out", f"{name}.csr", cwd=directory)
+        subject = "/CN=" + cn.replace("/", "\\/")  # -subj escapes a slash in a value with a backslash
+        openssl("req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr", cwd=directory)
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{issuer}.pem", "-CAkey", f"{issuer}.key",
                 "-CAcreateserial", "-days", valid, "-extfile", ext, "-out", f"{name}.pem", cwd=directory)
     chain = b"".join((directory / f"{n}.pem").read_bytes() for n in ("leaf", "inter", "root"))
@@ -326,7 +325,6 @@ def pem_identity(path: Any) -> Identity:
     return Identity("x509", [c.public_bytes(Encoding.DER) for c in certs])
 
 
-@needs_openssl
 @pytest.mark.parametrize("kind", KINDS)
 def test_openssl_made_chain(tmp_path, kind):
     openssl_chain(tmp_path / "ossl", kind)
@@ -338,6 +336,62 @@ def test_openssl_made_chain(tmp_path, kind):
     assert (provider.client_handle(identity), provider.account_identifier(identity),
             provider.domain_identifier(identity)) == ("phone", "alice", "example.com")
     assert "expired" in refusal(provider, identity, now + 60 * 86400).message
+    assert "not yet valid" in refusal(provider, identity, now - 86400).message
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_openssl_made_chain_with_another_root(tmp_path, kind):
+    openssl_chain(tmp_path / "ossl", kind)
+    openssl_chain(tmp_path / "other", kind)
+    provider = build(tmp_path, plugin="x509", trust_roots=["other/root.pem"], device_range={"start": 0, "end": 0})
+    identity = pem_identity(tmp_path / "ossl" / "chain.pem")
+    message = refusal(provider, identity, int(time.time())).message
+    assert message == "the certificate chain does not lead to a trust root of this identity provider"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bad", ["@", "/", "#", "$", ":"])
+def test_openssl_made_chain_with_a_forbidden_character(tmp_path, kind, bad):
+    openssl_chain(tmp_path / "ossl", kind, account=f"al{bad}ice")
+    provider = build(tmp_path, plugin="x509", trust_roots=["ossl/root.pem"],
+                     device_range={"start": 0, "end": 0}, account_offset=1)
+    identity = pem_identity(tmp_path / "ossl" / "chain.pem")
+    message = refusal(provider, identity, int(time.time())).message
+    assert message == (f"the Common Name 'al{bad}ice' of certificate 1 (counting from the leaf) contains {bad}; "
+                       "Common Names may not contain any of @ / # $ :")
+    # a CN outside the configured offsets is not an identifier, so it is not checked
+    narrow = build(tmp_path, plugin="x509", trust_roots=["ossl/root.pem"], device_range={"start": 0, "end": 0})
+    assert deferreds.successResultOf(narrow.validate(identity, [], {"msg_timestamp": int(time.time())})) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "offsets, message",
+    [
+        ({"device_range": {"start": 1, "end": 0}}, "device_range end (0) must be at least its start (1)"),
+        ({"device_range": {"start": 0, "end": 1}, "account_offset": 1},
+         "account_offset (1) must be greater than the device_range end (1)"),
+        ({"device_range": {"start": 0, "end": 0}, "account_offset": 2, "domain_offset": 1},
+         "domain_offset (1) must be greater than account_offset (2)"),
+        ({"device_range": {"start": 0, "end": 0}, "domain_offset": 0},
+         "domain_offset (0) must be greater than the device_range end (0)"),
+    ],
+)
+def test_openssl_made_chain_with_bad_offsets(tmp_path, kind, offsets, message):
+    openssl_chain(tmp_path / "ossl", kind)
+    with pytest.raises(ConfigError) as info:
+        build(tmp_path, plugin="x509", trust_roots=["ossl/root.pem"], **offsets)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_openssl_made_chain_too_short_for_the_offsets(tmp_path, kind):
+    openssl_chain(tmp_path / "ossl", kind)
+    provider = build(tmp_path, plugin="x509", trust_roots=["ossl/root.pem"],
+                     device_range={"start": 0, "end": 0}, account_offset=1, domain_offset=2)
+    chain = x509.load_pem_x509_certificates((tmp_path / "ossl" / "chain.pem").read_bytes())
+    identity = Identity("x509", [c.public_bytes(Encoding.DER) for c in chain[:2]])
+    assert "offset 2 from the leaf" in refusal(provider, identity, int(time.time())).message
 
 
 # --- fedserver mimi-identity --------------------------------------------------------
