@@ -53,7 +53,6 @@ from importlib import metadata
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from run import (
-    BIN,
     WRK_INSTALL,
     WRK_TIMEOUT,
     Processes,
@@ -65,7 +64,7 @@ from run import (
     machine,
     peak_rss_mb,
     run_wrk,
-    to_toml,
+    start_fedserver,
     wind_down,
 )
 
@@ -329,12 +328,7 @@ class KeyServers:
             "authenticator": {"plugin": "matrix-signature", "server_name": server_name, "signing_key": key_path},
             "authorizers": [{"plugin": "allow-list", "allow_all": True}],
         }
-        path = os.path.join(self.workdir, f"{name}.toml")
-        with open(path, "w") as f:
-            f.write(to_toml(config))
-        argv = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", f"--logfile={self.processes.log_path(name, 'log')}",
-                "fedserver", "--config", path]
-        process = self.processes.start(name, argv, [port])
+        process = start_fedserver(self.processes, name, config, [port])
         return {"process": process, "port": port, "server_name": server_name}
 
     def synapse(self, name: str, log_level: str = "INFO") -> Dict[str, Any]:

@@ -293,13 +293,23 @@ class Bench:
             config["outward"] = {"listen": f"tcp:{outward}:interface=127.0.0.1"}
         if components:
             config["components"] = components
-        label = f"{name}-{own[0]}"
-        path = os.path.join(self.workdir, f"{label}.toml")
-        with open(path, "w") as f:
-            f.write(to_toml(config))
-        argv = [os.path.join(BIN, "twistd"), "-n", "--pidfile=",
-                f"--logfile={self.processes.log_path(label, 'log')}", "fedserver", "--config", path]
-        return self.processes.start(label, argv, [p for p in (inward, outward) if p], env=env)
+        return start_fedserver(self.processes, f"{name}-{own[0]}", config, [p for p in (inward, outward) if p],
+                               env=env)
+
+
+def start_fedserver(processes: Processes, label: str, config: Dict[str, Any], ports: Iterable[int],
+                    env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    """
+    Write C{config} to C{LABEL.toml} in the work folder and start C{twistd -n
+    fedserver} with it (log in C{logs/LABEL.log}); wait until it listens on
+    every port in C{ports}.
+    """
+    path = os.path.join(processes.workdir, f"{label}.toml")
+    with open(path, "w") as f:
+        f.write(to_toml(config))
+    argv = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", f"--logfile={processes.log_path(label, 'log')}",
+            "fedserver", "--config", path]
+    return processes.start(label, argv, ports, env=env)
 
 
 #: name -> (what it measures, how it starts)

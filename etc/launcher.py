@@ -94,12 +94,12 @@ def wait_for_port(port, process, timeout=30.0):
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
-def call(method, url, body=None, timeout=15):
-    """An HTTP request with a JSON body; returns (status, decoded JSON answer)."""
+def call(method, url, body=None, timeout=15, headers=None):
+    """An HTTP request with a JSON body (and extra C{headers}); returns (status, decoded JSON answer)."""
     request = urllib.request.Request(
         url,
         data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **(headers or {})},
         method=method,
     )
     try:

@@ -8,6 +8,7 @@ The C{fedserver} command: operator tools over the library.
     fedserver dev-pki DIR --domain NAME [--domain NAME ...]
     fedserver generate-signing-key [--key-version VERSION] FILE
     fedserver mimi-identity --config FILE --provider NAME [--at UNIX_TS] [--json] CHAIN.pem
+    fedserver relay-fingerprint CERT.pem
 """
 
 from __future__ import annotations
@@ -263,6 +264,33 @@ def _mimi_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relay_fingerprint(args: argparse.Namespace) -> int:
+    from fedserver_relay.fingerprint import fingerprint_of_der, fingerprint_of_pem, format_fingerprint
+
+    try:
+        with open(args.certificate, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        print(f"fedserver: cannot read {args.certificate}: {e.strerror}", file=sys.stderr)
+        return 1
+    try:
+        if b"-----BEGIN" in data:
+            fingerprint = fingerprint_of_pem(data)
+            blocks = data.count(b"-----BEGIN CERTIFICATE-----")
+            if blocks > 1:
+                print(f"fedserver: {args.certificate} holds {blocks} certificates: this is the fingerprint of "
+                      "the first (the leaf, which the relay presents)", file=sys.stderr)
+        else:
+            fingerprint = fingerprint_of_der(data)
+    except ValueError:
+        print(f"fedserver: {args.certificate} holds no certificate (expected PEM, as [tls] certificate names, "
+              "or DER); a relay's fingerprint is that of its [tls] certificate", file=sys.stderr)
+        return 1
+    print(format_fingerprint(fingerprint))
+    print(format_fingerprint(fingerprint, colons=False))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedserver", description="fedserver operator tools")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -320,6 +348,16 @@ def make_parser() -> argparse.ArgumentParser:
     mimi.add_argument("--json", action="store_true", help="print the result as JSON")
     mimi.add_argument("chain", metavar="CHAIN.pem", help="PEM certificates, leaf first")
     mimi.set_defaults(run=_mimi_identity)
+
+    relay = commands.add_parser(
+        "relay-fingerprint",
+        help="print a relay certificate's fingerprint for other relays' [[relay.peers]] and [[relay.trusted]]",
+        description="Print the SHA-256 fingerprint of a certificate (of its DER encoding): first with colons, "
+        "then as 64 hex digits. Other relays list it as the fingerprint of this relay; either form works.",
+    )
+    relay.add_argument("certificate", metavar="CERT.pem",
+                       help="the relay's [tls] certificate (PEM, leaf first; DER also works)")
+    relay.set_defaults(run=_relay_fingerprint)
     return parser
 
 

@@ -22,8 +22,17 @@ from fedserver.interfaces import IAuthenticator, IAuthorizer, IComponentHandler,
 from fedserver.values import FederatedCall, InboundRequest, OutboundRequest, Peer, Response
 
 #: headers a component's outbound call may carry through to the remote
-#: component (besides the ones the pipeline sets itself)
-PASSED_THROUGH = ("X-Wire-API-Version",)
+#: component (besides the ones the pipeline sets itself): Wire's API version,
+#: and the origin, hop count and destination of calls relayed through a hub
+#: (see fedserver_relay.delegation)
+PASSED_THROUGH = (
+    "X-Wire-API-Version",
+    "Fedserver-Relay-Origin",
+    "Fedserver-Relay-Origin-Domain",
+    "Fedserver-Relay-Hops",
+    "Fedserver-Relay-To",
+    "Fedserver-Relay-Component",
+)
 
 log = Logger(namespace="fedserver.pipeline")
 

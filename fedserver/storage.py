@@ -9,6 +9,11 @@ ordered list of migration steps under its own name; L{Store.migrate} applies
 the steps a database lacks, each in a transaction with its version record, at
 startup and before any listener accepts a connection.  SQLite runs in WAL mode
 with C{synchronous=FULL}: a write that was reported done survives a crash.
+
+Every commit waits for the disk.  Small writes that arrive together (a
+request each) may use L{Store.run_grouped}: they are run one after the other
+in one transaction, each in its own savepoint, and committed together (group
+commit), so that one wait for the disk serves all of them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from twisted.application.service import Service
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from fedserver.errors import ConfigError
 
@@ -41,6 +47,10 @@ def _prepare_sqlite(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA busy_timeout=5000")
 
 
+#: at most this many works of L{Store.run_grouped} share one transaction
+MAX_GROUP = 256
+
+
 class Store(Service):
     """
     The database, as a service: the connection pool opens on start and
@@ -54,6 +64,11 @@ class Store(Service):
         self._reactor = reactor
         self._schemas: Dict[str, Sequence[str]] = {}
         self._pool: Any = None
+        #: works of run_grouped waiting for the next group, and whether a group is running
+        self._waiting: List[Tuple[Callable[..., Any], Tuple[Any, ...], Deferred[Any]]] = []
+        self._grouping = False
+        #: groups committed so far (each one transaction with its commit)
+        self.groups_committed = 0
         if url.startswith("sqlite:"):
             self.path = url[len("sqlite:"):]
             if not self.path:
@@ -184,6 +199,9 @@ class Store(Service):
 
     def stopService(self) -> None:
         super().stopService()
+        waiting, self._waiting = self._waiting, []
+        for _, _, d in waiting:
+            d.errback(RuntimeError("the store stopped before this work ran"))
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -208,6 +226,49 @@ class Store(Service):
         """
         return self._require_pool().runInteraction(_in_transaction, work, *args)
 
+    def run_grouped(self, work: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """
+        Run C{work(cursor, *args)} as L{run_interaction} does, but sharing
+        the transaction, and its commit, with the other works given while
+        the previous group runs (group commit): each work runs in a
+        savepoint, in the order they were given, and sees the changes of the
+        works before it, as if each had its own transaction.  When C{work}
+        raises, only its own changes are rolled back and its L{Deferred}
+        fails.  Every L{Deferred} of a group fires after the commit; if the
+        transaction itself fails (at its start, its commit, or because a
+        work broke it), nothing of the group is kept and each fails.
+
+        For short works only: the others of its group wait for each one.
+        """
+        pool = self._require_pool()
+        d: Deferred[Any] = Deferred()
+        self._waiting.append((work, args, d))
+        if not self._grouping:
+            self._next_group(pool)
+        return d
+
+    def _next_group(self, pool: Any) -> None:
+        group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
+        self._grouping = True
+        done = pool.runInteraction(_in_group, [(work, args) for work, args, _ in group])
+        done.addBoth(self._group_done, group)
+
+    def _group_done(self, outcome: Any, group: List[Tuple[Callable[..., Any], Tuple[Any, ...], Deferred[Any]]]) -> None:
+        if isinstance(outcome, Failure):
+            for _, _, d in group:
+                d.errback(outcome)
+        else:
+            self.groups_committed += 1
+            for (_, _, d), (ok, result) in zip(group, outcome, strict=True):
+                if ok:
+                    d.callback(result)
+                else:
+                    d.errback(result)
+        # works given by those callbacks wait for the next group, which starts now with all that are waiting
+        self._grouping = False
+        if self._waiting and self._pool is not None:
+            self._next_group(self._pool)
+
 
 def _execute_committed(cursor: Any, sql: str, params: Tuple) -> None:
     _in_transaction(cursor, lambda c: c.execute(sql, params))
@@ -224,6 +285,35 @@ def _in_transaction(cursor: Any, work: Callable[..., Any], *args: Any) -> Any:
         raise
     cursor.execute("COMMIT")
     return result
+
+
+def _in_group(cursor: Any, works: List[Tuple[Callable[..., Any], Tuple[Any, ...]]]) -> List[Tuple[bool, Any]]:
+    # One transaction; each work in a savepoint, released when it returns and
+    # rolled back to when it raises (its failure is its outcome).  Anything
+    # that escapes (a savepoint or the commit failing, a BaseException) rolls
+    # the whole transaction back, and every work of the group fails with it.
+    outcomes: List[Tuple[bool, Any]] = []
+    cursor.execute("BEGIN IMMEDIATE")
+    try:
+        for work, args in works:
+            cursor.execute("SAVEPOINT grouped")
+            try:
+                result = work(cursor, *args)
+            except Exception:
+                outcomes.append((False, Failure()))
+                cursor.execute("ROLLBACK TO grouped")
+            else:
+                outcomes.append((True, result))
+            cursor.execute("RELEASE grouped")
+        cursor.execute("COMMIT")
+    except BaseException:
+        if cursor.connection.in_transaction:
+            try:
+                cursor.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the error that brought us here is the one to report
+        raise
+    return outcomes
 
 
 def _statements(script: str) -> List[str]:

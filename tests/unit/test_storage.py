@@ -215,3 +215,134 @@ def test_stopping_closes_the_pool(running):
     running.stopService()
     with pytest.raises(RuntimeError):
         running.run_query("SELECT 1")
+
+
+# group commit: run_grouped
+
+
+def insert(cursor, name):
+    cursor.execute("INSERT INTO items (name) VALUES (?)", (name,))
+    return cursor.lastrowid
+
+
+def names(db):
+    return [name for (name,) in rows(db, "SELECT name FROM items ORDER BY id")]
+
+
+async def outcomes(deferreds):
+    """Each Deferred's result, or its failure's exception, in order."""
+    found = []
+    for d in deferreds:
+        try:
+            found.append(await bounded(d))
+        except Exception as e:  # the failure is the outcome here
+            found.append(e)
+    return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_grouped_works_given_together_share_one_commit(running, db):
+    # the first starts a group at once; the four given while it runs wait and form the next one
+    results = await outcomes([running.run_grouped(insert, name) for name in "abcde"])
+    assert results == [1, 2, 3, 4, 5]
+    assert names(db) == ["a", "b", "c", "d", "e"]
+    assert running.groups_committed == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_grouped_works_run_in_order_and_see_the_changes_before_them(running, db):
+    def count(cursor):
+        return cursor.execute("SELECT count(*) FROM items").fetchone()[0]
+
+    first = running.run_grouped(insert, "alone")
+    together = [running.run_grouped(insert, "a"), running.run_grouped(count), running.run_grouped(insert, "b"),
+                running.run_grouped(count)]
+    assert await outcomes([first, *together]) == [1, 2, 2, 3, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_grouped_work_is_rolled_back_alone(running, db):
+    def insert_then_fail(cursor, name):
+        insert(cursor, name)
+        raise ValueError(f"{name} refused")
+
+    first = running.run_grouped(insert, "first")
+    group = [running.run_grouped(insert, "x"), running.run_grouped(insert_then_fail, "ghost"),
+             running.run_grouped(insert, "z"), running.run_grouped(insert, None)]  # NOT NULL: an IntegrityError
+    results = await outcomes([first, *group])
+    assert results[:2] == [1, 2] and results[3] == 3  # the ghost's row is gone: z takes the next id
+    assert isinstance(results[2], ValueError) and str(results[2]) == "ghost refused"
+    assert isinstance(results[4], sqlite3.IntegrityError)
+    assert names(db) == ["first", "x", "z"]
+    assert running.groups_committed == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_work_that_breaks_the_transaction_fails_its_whole_group(running, db):
+    def end_the_transaction(cursor):
+        cursor.execute("ROLLBACK")
+
+    first = running.run_grouped(insert, "kept")
+    group = [running.run_grouped(insert, "lost"), running.run_grouped(end_the_transaction),
+             running.run_grouped(insert, "lost too")]
+    results = await outcomes([first, *group])
+    assert results[0] == 1
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results[1:]), results
+    assert names(db) == ["kept"]
+    # the store goes on
+    assert await bounded(running.run_grouped(insert, "after")) == 2
+    assert names(db) == ["kept", "after"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_commit_fails_the_whole_group_and_keeps_nothing(running, db):
+    def tables(cursor):
+        cursor.execute("CREATE TABLE parents (id INTEGER PRIMARY KEY)")
+        cursor.execute("CREATE TABLE children (parent INTEGER REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)")
+
+    await bounded(running.run_interaction(tables))
+
+    def orphan(cursor):  # accepted now, refused by the commit (a deferred foreign key)
+        cursor.execute("INSERT INTO children (parent) VALUES (99)")
+
+    first = running.run_grouped(insert, "kept")
+    group = [running.run_grouped(insert, "lost"), running.run_grouped(orphan)]
+    results = await outcomes([first, *group])
+    assert results[0] == 1
+    assert all(isinstance(r, sqlite3.IntegrityError) for r in results[1:]), results
+    assert names(db) == ["kept"]
+    assert rows(db, "SELECT count(*) FROM children") == [(0,)]
+    assert await bounded(running.run_grouped(insert, "after")) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_groups_are_bounded(running, db, monkeypatch):
+    import fedserver.storage
+
+    monkeypatch.setattr(fedserver.storage, "MAX_GROUP", 3)
+    results = await outcomes([running.run_grouped(insert, str(i)) for i in range(8)])
+    assert results == list(range(1, 9))
+    assert running.groups_committed == 4  # 1, then 3, 3 and 1 of those that waited
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_grouped_work_still_runs_as_given(running, db):
+    first = running.run_grouped(insert, "a")
+    cancelled = running.run_grouped(insert, "b")
+    cancelled.cancel()
+    last = running.run_grouped(insert, "c")
+    results = await outcomes([first, cancelled, last])
+    assert results[0] == 1 and results[2] == 3
+    assert type(results[1]).__name__ == "CancelledError"
+    assert names(db) == ["a", "b", "c"]  # as with run_interaction, cancelling does not undo the work
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_fails_the_works_still_waiting(running, db):
+    running.run_grouped(insert, "running")
+    waiting = running.run_grouped(insert, "waiting")
+    running.stopService()
+    with pytest.raises(RuntimeError, match="the store stopped before this work ran"):
+        await bounded(waiting)
+    with pytest.raises(RuntimeError, match="startService was not called"):
+        running.run_grouped(insert, "later")

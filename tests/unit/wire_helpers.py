@@ -5,12 +5,17 @@ file under C{tmp_path}; its adbapi threads need the real reactor, so the
 tests that touch it run under pytest-twisted, each step bounded), a fake
 pipeline that records outbound calls and answers them from a table, and an
 in-memory network that joins several backends through real L{Pipeline}s.
+
+L{federate}, L{bounded}, L{context_for} and L{backend_factory} serve any
+plugin's backends (the MIMI gateway's tests use them too): a backend is
+anything with a C{domain}, a C{context} and its C{components}
+(L{Federable}).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import attrs
 from twisted.internet import defer
@@ -72,6 +77,19 @@ def context_for(domain: str, store: Any, clock: Any = None) -> Context:
     }
     config = parse_config(raw, file="/etc/fedserver.toml", base_dir="/etc")
     return Context(reactor=clock if clock is not None else Clock(), config=config, storage=store, http=None)
+
+
+class Federable(Protocol):
+    """What L{federate} needs of a backend: its domain, its context and its components by name."""
+
+    @property
+    def domain(self) -> str: ...
+
+    @property
+    def context(self) -> Context: ...
+
+    @property
+    def components(self) -> Dict[str, Any]: ...
 
 
 @attrs.define
@@ -254,7 +272,7 @@ class MemoryNetwork:
         return defer.succeed(None)
 
 
-def federate(backends: List[Backend], *, denied: Optional[Mapping[str, bool]] = None) -> MemoryNetwork:
+def federate(backends: Sequence[Federable], *, denied: Optional[Mapping[str, bool]] = None) -> MemoryNetwork:
     """
     Join C{backends}: each gets a real L{Pipeline} with discovery of every
     backend (C{fed.<domain>}), the header authenticator, one authorizer (that
@@ -289,15 +307,17 @@ def uid(user: Mapping[str, Any]) -> str:
 Factory = Callable[..., Backend]
 
 
-def backend_factory(tmp_path: Any) -> Any:
+def backend_factory(tmp_path: Any, build: Callable[..., Any] = make_backend) -> Iterator[Callable[..., Any]]:
     """
-    For a fixture: yields C{make(domain="a.example", pipeline=None, **brig)}
-    and stops every store it made afterwards.
+    For a fixture: yields C{make(domain="a.example", *args, **kwargs)}, which
+    calls C{build(tmp_path, domain, *args, **kwargs)} (by default
+    L{make_backend}: C{pipeline} and brig's options), and stops every
+    backend it made afterwards.
     """
-    made: List[Backend] = []
+    made: List[Any] = []
 
-    def make(domain: str = "a.example", pipeline: Any = None, **kwargs: Any) -> Backend:
-        backend = make_backend(tmp_path, domain, pipeline, **kwargs)
+    def make(domain: str = "a.example", *args: Any, **kwargs: Any) -> Any:
+        backend = build(tmp_path, domain, *args, **kwargs)
         made.append(backend)
         return backend
 

@@ -1,0 +1,213 @@
+"""
+Delegated trust for the HTTP federation pipeline: the media relay's rules
+applied to federated requests relayed through a hub fedserver.
+
+A hub runs the component C{relay-forward}.  A backend sends it an ordinary
+federated call, naming where the call should go with
+C{Fedserver-Relay-To: DOMAIN} and C{Fedserver-Relay-Component: COMPONENT}
+(the RPC is the hub's). The hub calls that component of DOMAIN through its
+own pipeline, adding
+
+- C{Fedserver-Relay-Origin}: the SHA-256 fingerprint of the certificate the
+  caller presented to the hub (or, when the call was already relayed, the
+  origin it arrived with);
+- C{Fedserver-Relay-Origin-Domain}: the caller's validated backend domain;
+- C{Fedserver-Relay-Hops}: hubs crossed so far (1 after the first).
+
+The receiving backend's authorizer C{delegated-trust} accepts a call:
+
+- without those headers, when the peer's certificate fingerprint is in its
+  C{trusted} list;
+- with them, when the peer is in C{trusted} and either the origin is itself
+  in C{trusted}, or the peer is trusted with C{delegate = true}; and never
+  with more hops than C{max_federation_hops}.
+
+Otherwise the call is refused with C{403 federation-denied}, saying which
+rule failed.
+
+    [[authorizers]]
+    plugin = "delegated-trust"
+    max_federation_hops = 2
+    trusted = [
+        { fingerprint = "...", label = "hub", delegate = true },
+        { fingerprint = "...", label = "c.example" },
+    ]
+
+    [components.relay]
+    plugin = "relay-forward"          # on the hub
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from fedserver.config import Options, is_domain_name
+from fedserver.context import Context
+from fedserver.errors import FederationDenied, FederationError
+from fedserver.hookspecs import hookimpl
+from fedserver.interfaces import IAuthorizer, IComponentHandler
+from fedserver.values import FederatedCall, Peer, Response
+from fedserver_relay.fingerprint import parse_fingerprint
+from fedserver_relay.frames import MAX_TTL
+
+ORIGIN = "Fedserver-Relay-Origin"
+ORIGIN_DOMAIN = "Fedserver-Relay-Origin-Domain"
+HOPS = "Fedserver-Relay-Hops"
+TO = "Fedserver-Relay-To"
+TO_COMPONENT = "Fedserver-Relay-Component"
+#: the headers of relayed calls, which the pipeline passes through on outbound calls
+RELAY_HEADERS = (ORIGIN, ORIGIN_DOMAIN, HOPS, TO, TO_COMPONENT)
+
+
+def _denied(message: str, peer: Peer) -> FederationDenied:
+    return FederationDenied(message, data={"type": "federation", "domain": peer.claimed_domain})
+
+
+@implementer(IAuthorizer)
+class DelegatedTrust:
+    """
+    @param trusted: fingerprint -> (label, delegate).
+    """
+
+    def __init__(self, trusted: Dict[str, tuple], max_hops: int) -> None:
+        self.trusted = dict(trusted)
+        self.max_hops = max_hops
+
+    def label(self, fingerprint: str) -> str:
+        entry = self.trusted.get(fingerprint)
+        return f"{entry[0]} ({fingerprint[:16]})" if entry else fingerprint[:16]
+
+    def check(self, peer: Peer, call: FederatedCall) -> None:
+        """Raise L{FederationDenied} unless C{call} from C{peer} is acceptable."""
+        sender = peer.fingerprint
+        if sender is None or sender not in self.trusted:
+            raise _denied(
+                f"{peer.claimed_domain}'s certificate ({(sender or 'none')[:16]}) is not in this backend's "
+                "delegated-trust list", peer,
+            )
+        raw_origin = call.header(ORIGIN)
+        raw_hops = call.header(HOPS)
+        if raw_origin is None:
+            if raw_hops is not None:
+                raise _denied(f"{HOPS} came without {ORIGIN}", peer)
+            return
+        try:
+            origin = parse_fingerprint(raw_origin)
+        except ValueError:
+            raise _denied(f"{ORIGIN} is not a certificate fingerprint: {raw_origin[:80]!r}", peer) from None
+        hops = raw_hops.strip() if raw_hops is not None else ""
+        if not (hops.isascii() and hops.isdigit()) or not 1 <= int(hops) <= MAX_TTL:
+            raise _denied(f"{HOPS} must be a number of hubs from 1 to {MAX_TTL}, not {hops[:20]!r}", peer)
+        if int(hops) > self.max_hops:
+            raise _denied(
+                f"the call crossed {hops} hubs; this backend accepts at most {self.max_hops} "
+                "(max_federation_hops)", peer,
+            )
+        if origin in self.trusted:
+            return
+        if not self.trusted[sender][1]:
+            raise _denied(
+                f"{self.label(sender)} relayed a call from {origin[:16]}, which this backend does not trust, "
+                "and is not trusted with delegate = true", peer,
+            )
+
+    def authorize_inbound(self, peer: Peer, call: FederatedCall) -> Deferred[None]:
+        try:
+            self.check(peer, call)
+        except FederationError as e:
+            return defer.fail(e)
+        return defer.succeed(None)
+
+    def authorize_outbound(self, domain: str, call: FederatedCall) -> Deferred[None]:
+        return defer.succeed(None)
+
+
+def make_delegated_trust(options: Options, context: object) -> DelegatedTrust:
+    """Factory of C{delegated-trust}."""
+    max_hops = options.get_int("max_federation_hops", 2, minimum=1, maximum=MAX_TTL)
+    trusted: Dict[str, tuple] = {}
+    for entry in options.get_table_list("trusted"):
+        raw = entry.get_str("fingerprint")
+        try:
+            fingerprint = parse_fingerprint(raw)
+        except ValueError as e:
+            raise entry.error("fingerprint", str(e)) from None
+        if fingerprint in trusted:
+            raise entry.error("fingerprint", f"{fingerprint[:16]}... is listed twice")
+        trusted[fingerprint] = (entry.get_str("label", fingerprint[:16]), entry.get_bool("delegate", False))
+        entry.check_all_used()
+    if not trusted:
+        raise options.error("trusted", "lists nobody: every call would be refused")
+    return DelegatedTrust(trusted, max_hops)
+
+
+@implementer(IComponentHandler)
+class RelayForward:
+    """The hub's component: sends a call on to the backend it names, with its origin and hop count."""
+
+    def __init__(self, context: Context, max_hops: int) -> None:
+        self._context = context
+        self.max_hops = max_hops
+
+    def handle(self, call: FederatedCall) -> Deferred[Response]:
+        return Deferred.fromCoroutine(self._handle(call))
+
+    async def _handle(self, call: FederatedCall) -> Response:
+        target = call.header(TO)
+        component = call.header(TO_COMPONENT)
+        if target is None or component is None:
+            raise FederationError(
+                f"a relayed call names its destination with {TO} and {TO_COMPONENT}", "invalid-endpoint"
+            )
+        target = target.strip().lower()
+        if not is_domain_name(target):
+            raise FederationError(f"{TO}: {target[:80]!r} is not a backend domain", "invalid-domain")
+        if target == self._context.backend_domain:
+            raise FederationError(f"{TO} names this hub itself ({target})", "invalid-domain")
+        origin = call.header(ORIGIN)
+        if origin is None:
+            if call.peer is None or call.peer.fingerprint is None:
+                raise FederationError("the caller presented no certificate to relay for", "no-client-certificate")
+            origin, origin_domain, hops = call.peer.fingerprint, call.origin_domain, 1
+        else:
+            # an origin a caller asserts is believed only where this hub's delegated-trust authorizer judged it
+            if not any(isinstance(a, DelegatedTrust) for a in self._context.authorizers):
+                raise FederationDenied(
+                    f"{call.origin_domain} sent a call that was already relayed ({ORIGIN}); this hub relays such "
+                    "calls only with the delegated-trust authorizer, which judges their origin"
+                )
+            origin_domain = call.header(ORIGIN_DOMAIN) or ""
+            hops = int(call.header(HOPS) or "0") + 1  # the delegated-trust authorizer checked it on the way in
+        if hops > self.max_hops:
+            raise FederationDenied(f"relaying would make {hops} hubs; at most {self.max_hops} are allowed")
+        headers = [(n, v) for n, v in call.headers if n.lower() not in {h.lower() for h in RELAY_HEADERS}]
+        headers += [(ORIGIN, origin), (ORIGIN_DOMAIN, origin_domain), (HOPS, str(hops))]
+        onward = FederatedCall(
+            origin_domain=self._context.backend_domain, target_domain=target, component=component, rpc=call.rpc,
+            method=call.method, headers=headers, body=call.body, request_id=call.request_id,
+        )
+        pipeline = self._context.pipeline
+        if pipeline is None:
+            raise FederationError("the hub is still starting", "federation-not-available")
+        response: Response = await pipeline.call_remote(onward)
+        return response
+
+
+def make_relay_forward(options: Options, context: Context) -> RelayForward:
+    """Factory of C{relay-forward}."""
+    return RelayForward(context, options.get_int("max_federation_hops", 2, minimum=1, maximum=MAX_TTL))
+
+
+@hookimpl
+def fedserver_authorizer_plugins() -> Dict[str, Any]:
+    return {"delegated-trust": make_delegated_trust}
+
+
+@hookimpl
+def fedserver_component_plugins() -> Dict[str, Any]:
+    return {"relay-forward": make_relay_forward}
+
