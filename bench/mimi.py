@@ -66,7 +66,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -80,17 +79,18 @@ from run import (
     ScenarioError,
     cpu_seconds,
     finish,
+    finish_profile,
     free_port,
     interrupted_exit,
     machine,
     peak_rss_mb,
+    record_profile,
     run_wrk,
     start_fedserver,
     wind_down,
 )
 
 BIN = os.path.dirname(sys.executable)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND, INFRA = "b.example", "fed.b.example"
 APP_ID = "0b5e2c1e-6a47-4d1c-9a3e-5f4c8d2b7a10"
 #: the queue the target client's KeyPackages go to
@@ -540,66 +540,7 @@ def check_claims(gateway: Gateway) -> Dict[str, Any]:
 # profiles
 
 def start_profile(gateway: Gateway, kind: str, seconds: float, workdir: str) -> Tuple[subprocess.Popen, str]:
-    path = os.path.join(workdir, f"profile-{gateway.label}-{kind}.txt")
-    argv = [os.path.join(BIN, "py-spy"), "record", "--pid", str(gateway.process.pid), "--duration",
-            str(max(1, int(seconds) - 1)), "--rate", "200", "--format", "raw", "--threads", "--nonblocking",
-            "--output", path]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), path
-
-
-def finish_profile(spy: subprocess.Popen, path: str, top: int = 15) -> Dict[str, Any]:
-    """
-    The profile's samples: per thread, the functions with the most samples
-    of their own, and fedserver's functions with the most samples inclusive
-    of what they call.
-    """
-    try:
-        _, err = spy.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        _, err = spy.communicate()
-    if spy.returncode != 0 or not os.path.exists(path):
-        return {"error": f"py-spy exited with {spy.returncode}: {err.decode(errors='replace')[-300:]}"}
-    own: Dict[str, int] = collections.Counter()
-    inclusive: Dict[str, int] = collections.Counter()
-    threads: Dict[str, int] = collections.Counter()
-    total = 0
-    with open(path) as f:
-        for line in f:
-            stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack:
-                continue
-            n = int(count)
-            frames = stack.split(";")
-            threads[frames[0]] += n
-            frames = [_frame(f) for f in frames[1:]]
-            total += n
-            if frames:
-                own[frames[-1]] += n
-            for frame in set(frames):
-                if frame.startswith("fedserver"):
-                    inclusive[frame] += n
-
-    def rows(counter: Dict[str, int]) -> List[Dict[str, Any]]:
-        return [{"function": f, "share": n / total} for f, n in sorted(counter.items(), key=lambda i: -i[1])[:top]]
-
-    return {"samples": total, "file": path, "threads": rows(threads), "own": rows(own), "inclusive": rows(inclusive)}
-
-
-#: the folders a profile's file names are shortened from: they then start with their package
-_FOLDERS = ("site-packages/", os.path.join(ROOT, "plugins", ""), os.path.join(ROOT, ""),
-            os.path.join(sysconfig.get_paths()["stdlib"], ""))
-
-
-def _frame(frame: str) -> str:
-    # "function (/path/to/package/file.py:123)" -> "package/file.py:function"
-    name, _, where = frame.partition(" (")
-    file = where.rsplit(":", 1)[0]
-    for folder in _FOLDERS:
-        if folder in file:
-            file = file.split(folder, 1)[1]
-            break
-    return f"{file}:{name}"
+    return record_profile(gateway.process.pid, os.path.join(workdir, f"profile-{gateway.label}-{kind}.txt"), seconds)
 
 
 # the verdict

@@ -29,6 +29,7 @@ it starts is stopped before it exits, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -39,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -47,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
 RESULTS = os.path.join(BENCH, "results")
 BIN = os.path.dirname(sys.executable)
 
@@ -479,17 +482,87 @@ def report(document: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> Dict[str, Any]:
+def machine(wrk: bool = True) -> Dict[str, Any]:
+    """The CPUs, platform, Python and load average (and wrk's version, unless C{wrk} is false)."""
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=10)
-    return {"cpus": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
-            "python": platform.python_version(), "load_average": os.getloadavg(),
-            "wrk": (wrk.stdout or wrk.stderr).splitlines()[0] if (wrk.stdout or wrk.stderr) else "?"}
+    found = {"cpus": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+             "python": platform.python_version(), "load_average": os.getloadavg()}
+    if wrk:
+        done = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=10)
+        found["wrk"] = (done.stdout or done.stderr).splitlines()[0] if (done.stdout or done.stderr) else "?"
+    return found
+
+
+# profiles
+
+def record_profile(pid: int, path: str, seconds: float) -> Tuple[subprocess.Popen, str]:
+    """Start py-spy recording process C{pid} for about C{seconds} into C{path}; L{finish_profile} reads it."""
+    argv = [os.path.join(BIN, "py-spy"), "record", "--pid", str(pid), "--duration",
+            str(max(1, int(seconds) - 1)), "--rate", "200", "--format", "raw", "--threads", "--nonblocking",
+            "--output", path]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), path
+
+
+def finish_profile(spy: subprocess.Popen, path: str, top: int = 15) -> Dict[str, Any]:
+    """
+    The profile's samples: per thread, the functions with the most samples
+    of their own, and fedserver's functions with the most samples inclusive
+    of what they call.
+    """
+    try:
+        _, err = spy.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        _, err = spy.communicate()
+    if spy.returncode != 0 or not os.path.exists(path):
+        return {"error": f"py-spy exited with {spy.returncode}: {err.decode(errors='replace')[-300:]}"}
+    own: Dict[str, int] = collections.Counter()
+    inclusive: Dict[str, int] = collections.Counter()
+    threads: Dict[str, int] = collections.Counter()
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack:
+                continue
+            n = int(count)
+            frames = stack.split(";")
+            threads[frames[0]] += n
+            frames = [_frame(f) for f in frames[1:]]
+            total += n
+            if frames:
+                own[frames[-1]] += n
+            for frame in set(frames):
+                if frame.startswith("fedserver"):
+                    inclusive[frame] += n
+
+    def rows(counter: Dict[str, int]) -> List[Dict[str, Any]]:
+        return [{"function": f, "share": n / total} for f, n in sorted(counter.items(), key=lambda i: -i[1])[:top]]
+
+    return {"samples": total, "file": path, "threads": rows(threads), "own": rows(own), "inclusive": rows(inclusive)}
+
+
+#: the folders a profile's file names are shortened from: they then start with their package
+_FOLDERS = ("site-packages/", os.path.join(ROOT, "plugins", ""), os.path.join(ROOT, ""),
+            os.path.join(sysconfig.get_paths()["stdlib"], ""))
+
+
+def _frame(frame: str) -> str:
+    # "function (/path/to/package/file.py:123)" -> "package/file.py:function"
+    name, _, where = frame.partition(" (")
+    file = where.rsplit(":", 1)[0]
+    if "/__editable__." in file:  # a strict editable install: build/__editable__.NAME/package/...
+        file = file.split("/__editable__.", 1)[1].partition("/")[2]
+    for folder in _FOLDERS:
+        if folder in file:
+            file = file.split(folder, 1)[1]
+            break
+    return f"{file}:{name}"
 
 
 # the command

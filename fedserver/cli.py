@@ -9,6 +9,9 @@ The C{fedserver} command: operator tools over the library.
     fedserver generate-signing-key [--key-version VERSION] FILE
     fedserver mimi-identity --config FILE --provider NAME [--at UNIX_TS] [--json] CHAIN.pem
     fedserver relay-fingerprint CERT.pem
+    fedserver queue --config FILE [--json] [list | retry DOMAIN [--dead] | drop DOMAIN [--dead] | dead [DOMAIN]]
+    fedserver backup --config FILE DEST
+    fedserver restore --config FILE BACKUP
 """
 
 from __future__ import annotations
@@ -358,6 +361,14 @@ def make_parser() -> argparse.ArgumentParser:
     relay.add_argument("certificate", metavar="CERT.pem",
                        help="the relay's [tls] certificate (PEM, leaf first; DER also works)")
     relay.set_defaults(run=_relay_fingerprint)
+
+    from fedserver.backup import add_commands as add_backup_commands
+
+    add_backup_commands(commands)
+
+    from fedserver.queue_cli import add_commands as add_queue_commands
+
+    add_queue_commands(commands)
     return parser
 
 

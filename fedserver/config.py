@@ -133,6 +133,8 @@ class Options:
         value = self._get(key, default, (int, float), "a number")
         if key in self._values:
             value = float(value)
+            if value != value:  # TOML's nan passes every comparison
+                raise self.error(key, "must be a number, not nan")
             self._check_range(key, value, minimum, maximum)
         return value
 
@@ -244,6 +246,42 @@ class TLSSection:
 
 
 @attrs.frozen
+class QueueSettings:
+    """
+    C{[queue]}: the durable outbound queue (L{fedserver.outbound_queue}) and
+    the deduplication of inbound calls that carry an idempotency key
+    (L{fedserver.idempotency}); docs/queue.md explains each.
+
+    @ivar initial_backoff: seconds before the first retry of a destination.
+    @ivar backoff_multiplier: each further failure multiplies the wait.
+    @ivar max_backoff: the wait between retries grows to at most this.
+    @ivar jitter: each wait is changed at random by up to this fraction.
+    @ivar max_lifetime: seconds after which an undelivered item is given up
+        into the dead letters.
+    @ivar dead_letter_ttl: seconds dead letters are kept.
+    @ivar dedup_ttl: seconds the answer to an inbound call with an
+        idempotency key is kept for repeats.
+    @ivar poll_interval: seconds between looks at the queue's table (what
+        other workers and C{fedserver queue} changed, backoffs that ended).
+    @ivar concurrency: destinations this worker delivers to at once.
+    @ivar worker_id: this worker's name in the queue's claims; by default
+        the host name and the inward listener, which a restarted worker
+        keeps, so that it takes over its own claims at once.
+    """
+
+    initial_backoff: float = 10.0
+    backoff_multiplier: float = 2.0
+    max_backoff: float = 4000.0
+    jitter: float = 0.2
+    max_lifetime: float = 5 * 86400.0
+    dead_letter_ttl: float = 30 * 86400.0
+    dedup_ttl: float = 6 * 86400.0
+    poll_interval: float = 1.0
+    concurrency: int = 64
+    worker_id: Optional[str] = None
+
+
+@attrs.frozen
 class Limits:
     """
     @ivar max_body_bytes: larger request bodies get 413 without being read.
@@ -251,6 +289,10 @@ class Limits:
     @ivar connect_timeout: seconds to establish an outbound connection.
     @ivar component_timeout: seconds for a local component to answer.
     @ivar idle_timeout: seconds a listener keeps an idle connection open.
+    @ivar header_timeout: seconds a request's line and headers may take to
+        arrive on a listener, from its first byte.
+    @ivar body_timeout: seconds a request's body may take to arrive on a
+        listener, from the end of its headers.
     @ivar max_connections: connections the inward listener holds at once;
         more are closed as they arrive.
     """
@@ -260,6 +302,8 @@ class Limits:
     connect_timeout: float = 10.0
     component_timeout: float = 30.0
     idle_timeout: float = 60.0
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
     max_connections: int = 1024
 
 
@@ -287,6 +331,11 @@ class Config:
     identity_providers: Dict[str, Options]
     #: top-level tables that protocol plugins read (e.g. C{[matrix]})
     sections: Dict[str, Options]
+    #: C{[logging] format}: C{text}, C{json} (one object a line), or C{None}:
+    #: the runner's choice (see L{fedserver.logs})
+    log_format: Optional[str] = None
+    #: C{[queue]}
+    queue: QueueSettings = QueueSettings()
 
     def section(self, name: str) -> Optional[Options]:
         """A top-level table that a protocol plugin owns, if present."""
@@ -329,6 +378,11 @@ def load_config(path: str) -> Config:
         raise ConfigError(f"cannot read the configuration file: {e.strerror}", file=path) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"is not valid TOML: {e}", file=path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"is not valid TOML: it is not UTF-8 ({e.reason} at byte {e.start})", file=path) from None
+    except RecursionError:
+        raise ConfigError("is not valid TOML for fedserver: its arrays or tables are nested too deeply",
+                          file=path) from None
     return parse_config(raw, file=path, base_dir=os.path.dirname(path))
 
 
@@ -352,6 +406,35 @@ def listens_locally(description: str) -> bool:
             value = value.replace("\0", ":")
             return value in _LOCAL_INTERFACES or value.startswith("127.")
     return False
+
+
+def _queue_settings(table: Optional[Options]) -> QueueSettings:
+    default = QueueSettings()
+    if table is None:
+        return default
+    day = 86400.0
+    initial = table.get_number("initial_backoff", default.initial_backoff, minimum=0.01, maximum=day)
+    settings = QueueSettings(
+        initial_backoff=initial,
+        backoff_multiplier=table.get_number("backoff_multiplier", default.backoff_multiplier, minimum=1, maximum=10),
+        max_backoff=table.get_number("max_backoff", max(default.max_backoff, initial), minimum=0.01,
+                                     maximum=7 * day),
+        jitter=table.get_number("jitter", default.jitter, minimum=0, maximum=0.9),
+        max_lifetime=table.get_number("max_lifetime", default.max_lifetime, minimum=1, maximum=365 * day),
+        dead_letter_ttl=table.get_number("dead_letter_ttl", default.dead_letter_ttl, minimum=60,
+                                         maximum=3650 * day),
+        dedup_ttl=table.get_number("dedup_ttl", default.dedup_ttl, minimum=60, maximum=365 * day),
+        poll_interval=table.get_number("poll_interval", default.poll_interval, minimum=0.05, maximum=60),
+        concurrency=table.get_int("concurrency", default.concurrency, minimum=1, maximum=10_000),
+        worker_id=table.get_str("worker_id", None),
+    )
+    table.check_all_used()
+    if settings.max_backoff < settings.initial_backoff:
+        raise table.error("max_backoff", f"({settings.max_backoff} s) must not be less than initial_backoff "
+                          f"({settings.initial_backoff} s)")
+    if settings.worker_id is not None and (len(settings.worker_id) > 200 or not settings.worker_id.isprintable()):
+        raise table.error("worker_id", "must be at most 200 printable characters")
+    return settings
 
 
 def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
@@ -418,6 +501,12 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
             idle_timeout=limits_table.get_number(
                 "idle_timeout", limits.idle_timeout, minimum=1, maximum=86400
             ),
+            header_timeout=limits_table.get_number(
+                "header_timeout", limits.header_timeout, minimum=0.1, maximum=3600
+            ),
+            body_timeout=limits_table.get_number(
+                "body_timeout", limits.body_timeout, minimum=0.1, maximum=86400
+            ),
             max_connections=limits_table.get_int(
                 "max_connections", limits.max_connections, minimum=1, maximum=1_000_000
             ),
@@ -437,6 +526,16 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
             # like every other path, a relative SQLite file is relative to this file
             database = "sqlite:" + storage.resolve(database[len("sqlite:"):])
         storage.check_all_used()
+
+    logging_table = top.get_table("logging", None)
+    log_format = None
+    if logging_table is not None:
+        log_format = logging_table.get_str("format", None)
+        if log_format not in (None, "text", "json"):
+            raise logging_table.error("format", f"must be \"text\" or \"json\", not {log_format[:40]!r}")
+        logging_table.check_all_used()
+
+    queue = _queue_settings(top.get_table("queue", None))
 
     discovery = top.get_table("discovery")
     authenticator = top.get_table("authenticator")
@@ -474,4 +573,6 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
         components=components,
         identity_providers=identity_providers,
         sections=sections,
+        log_format=log_format,
+        queue=queue,
     )

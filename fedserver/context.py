@@ -11,6 +11,7 @@ import attrs
 from fedserver.addresses import AddressPolicy, parse_networks
 from fedserver.config import Config
 from fedserver.errors import ConfigError
+from fedserver.metrics import Metrics
 from fedserver.tls import TLSFiles, TLSMaterial
 
 
@@ -32,6 +33,11 @@ class Context:
         backends, once the authenticator is built.
     @ivar pipeline: the L{fedserver.pipeline.Pipeline}, once every provider
         is built (for the resource and service hooks).
+    @ivar metrics: the L{fedserver.metrics.Metrics} served at C{/metrics};
+        a plugin adds its own numbers with C{metrics.register_collector}.
+    @ivar queue: the durable outbound queue
+        (L{fedserver.outbound_queue.OutboundQueue}) for one-way
+        notifications that must arrive; C{None} outside a built fedserver.
     @ivar plugin_state: where a plugin's hooks keep what they share (the
         resource hook builds something the service hook runs), under keys
         named after the plugin.
@@ -49,7 +55,9 @@ class Context:
     components: Dict[str, Any] = attrs.Factory(dict)
     client: Any = None
     pipeline: Any = None
+    queue: Any = None
     plugin_state: Dict[str, Any] = attrs.Factory(dict)
+    metrics: Metrics = attrs.Factory(lambda: Metrics(process=False))
     _tls: Optional[TLSFiles] = None
     _address_policy: Optional[AddressPolicy] = None
 

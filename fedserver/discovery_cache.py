@@ -58,6 +58,8 @@ class _Entry(Generic[T]):
     # the last good value, kept for serving stale
     good: Optional[T] = None
     good_until: float = 0.0
+    #: being served stale since this time (the last look-up failed)
+    stale_since: Optional[float] = None
 
 
 class DiscoveryCache(Generic[T]):
@@ -76,6 +78,8 @@ class DiscoveryCache(Generic[T]):
         self._pending: Dict[str, List[Deferred[T]]] = {}
         self.hits = 0
         self.misses = 0
+        #: failed look-ups answered with an expired answer
+        self.stale = 0
 
     def get(self, name: str) -> Deferred[T]:
         """The value for C{name}, from the cache or a lookup."""
@@ -105,6 +109,34 @@ class DiscoveryCache(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def describe(self, name: str) -> Optional[Dict[str, Any]]:
+        """
+        What the cache holds for C{name} (for status pages), without
+        touching it: C{None} when nothing, else C{state} (C{fresh},
+        C{stale}: served after a failed look-up, C{negative}: the name does
+        not federate, C{failed}: a failed look-up kept, C{expired}: asked
+        again on next use), C{expires_in} seconds and, for C{negative} and
+        C{failed}, the C{error}.
+        """
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        now = self._clock.seconds()
+        if entry.expires <= now:
+            state = "expired"
+        elif entry.error is not None:
+            state = "negative" if entry.error.label == "invalid-domain" else "failed"
+        elif entry.stale_since is not None:
+            state = "stale"
+        else:
+            state = "fresh"
+        described: Dict[str, Any] = {"state": state, "expires_in": round(max(entry.expires - now, 0.0), 3)}
+        if entry.error is not None:
+            described["error"] = {"label": entry.error.label, "message": entry.error.message}
+        if entry.stale_since is not None:
+            described["stale_for"] = round(now - entry.stale_since, 3)
+        return described
 
     def _settle(self, name: str, outcome: Any) -> None:
         for d in self._pending.pop(name, []):
@@ -138,6 +170,9 @@ class DiscoveryCache(Generic[T]):
             # serve it without asking DNS again for a while: every call
             # would otherwise wait for a lookup that is likely to fail too
             previous.expires = min(now + self.settings.negative_ttl, previous.good_until)
+            if previous.stale_since is None:
+                previous.stale_since = now
+            self.stale += 1
             self._settle(name, previous.good)
             return
         if self.settings.failure_ttl > 0 and isinstance(error, DiscoveryFailure):

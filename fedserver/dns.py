@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 import socket
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -144,15 +145,16 @@ class DNSLookup:
         d = self._bounded(self.resolver.lookupService(name), name)
 
         def records(result: Tuple[list, list, list]) -> List[SRVRecord]:
+            answers = [a for a in result[0] if a.type == dns.SRV]
             found = [
-                SRVRecord(
-                    a.payload.priority, a.payload.weight, a.payload.port,
-                    str(a.payload.target).rstrip(".") or ".", a.ttl,
-                )
-                for a in result[0]
-                if a.type == dns.SRV
+                SRVRecord(a.payload.priority, a.payload.weight, a.payload.port, target, a.ttl)
+                for a in answers
+                if (target := _srv_target(a.payload.target.name)) is not None
             ]
             if not found:
+                if answers:
+                    # what a broken or hostile server sends: as good as no answer
+                    raise LookupFailed(f"the DNS answer for {name} has no SRV target that is a host name")
                 raise NoRecords(f"{name} has no SRV record")
             return found
 
@@ -185,6 +187,23 @@ class DNSLookup:
             raise NoRecords(f"{host} has no A or AAAA record")
 
         return d.addCallback(combine)
+
+
+#: a host name as an SRV target may give it: ASCII labels of letters, digits, "-" and "_"
+_HOST_NAME = re.compile(rb"(?=.{1,253}$)[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*")
+
+
+def _srv_target(name: bytes) -> Optional[str]:
+    """
+    The target of an SRV record as text: C{"."} for "no such service", or a
+    host name; C{None} for anything else (bytes outside ASCII, spaces, empty
+    labels), which must never become a host to connect to, verify TLS for
+    or name in a C{Host} header.
+    """
+    name = name[:-1] if name.endswith(b".") else name
+    if not name:
+        return "."
+    return name.decode("ascii") if _HOST_NAME.fullmatch(name) else None
 
 
 def dns_lookup(options: Options, context: Any) -> DNSLookup:

@@ -43,6 +43,10 @@ LABELS: Mapping[str, int] = {
     "federation-not-available": 500,
     # talking to a local component
     "component-unavailable": 502,
+    # idempotency keys of inbound calls (fedserver.idempotency)
+    "invalid-idempotency-key": 400,
+    "idempotency-key-reused": 422,
+    "request-in-progress": 409,
     # everything else; the message never carries a traceback
     "internal-error": 500,
 }

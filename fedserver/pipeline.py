@@ -11,9 +11,11 @@ authorize (every authorizer) -> the component.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Optional, Sequence
+import time
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from twisted.internet.defer import Deferred
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from fedserver.client import FederationClient, NotDelivered
@@ -32,9 +34,71 @@ PASSED_THROUGH = (
     "Fedserver-Relay-Hops",
     "Fedserver-Relay-To",
     "Fedserver-Relay-Component",
+    # names a call for deduplication at the receiver (fedserver.idempotency)
+    "Fedserver-Idempotency-Key",
 )
 
 log = Logger(namespace="fedserver.pipeline")
+
+
+@attrs.frozen
+class CallOutcome:
+    """
+    What the pipeline tells its observers about one finished call.
+
+    @ivar direction: C{"outbound"} (L{Pipeline.send}: every call to a remote
+        backend) or C{"inbound"} (L{Pipeline.handle_inbound}).
+    @ivar domain: the destination, or the authenticated peer's backend
+        domain; C{None} for an inbound call refused before its peer was
+        established.
+    @ivar component: the component (outbound: from the path, see
+        L{route_names}).
+    @ivar rpc: the RPC (likewise).
+    @ivar label: C{None} for a 2xx answer; C{federation-remote-error}
+        (outbound) or C{component-error} (inbound) for another answer;
+        otherwise the failure's label (C{internal-error} for an unlabelled
+        exception, C{cancelled} when the caller gave up).
+    @ivar code: the HTTP status of the answer or error, if any.
+    @ivar message: the error message (empty on success).
+    @ivar seconds: how long the call took.
+    @ivar request_id: the request id, if known.
+    """
+
+    direction: str
+    domain: Optional[str]
+    component: str
+    rpc: str
+    label: Optional[str]
+    code: Optional[int]
+    message: str
+    seconds: float
+    request_id: Optional[str]
+
+
+#: called with each L{CallOutcome}; must not raise (what it raises is logged)
+Observer = Callable[[CallOutcome], None]
+
+
+def route_names(path: str) -> Tuple[str, str]:
+    """
+    The component and RPC an outbound path is for: C{/federation/{c}/{r}}
+    gives C{(c, r)}, C{/_matrix/{api}/{version}/{name}/...} gives
+    C{("matrix", name)}, anything else C{("other", "other")}.
+    """
+    parts = path.split("?", 1)[0].split("/")
+    if len(parts) == 4 and parts[1] == "federation":
+        return parts[2], parts[3]
+    if len(parts) >= 5 and parts[1] == "_matrix":
+        return "matrix", parts[4]
+    return "other", "other"
+
+
+def _failure_outcome(error: BaseException) -> Tuple[str, Optional[int], str]:
+    if isinstance(error, FederationError):
+        return error.label, error.code, error.message
+    if isinstance(error, CancelledError):
+        return "cancelled", None, "the caller gave up (a deadline, or the client went away)"
+    return "internal-error", 500, f"{type(error).__name__}: {error}"[:500]
 
 
 def check_json(body: bytes, what: str) -> None:
@@ -72,6 +136,22 @@ class Pipeline:
         self.authorizers = list(authorizers)
         self.components = dict(components)
         self.client = client
+        #: told about every finished call (metrics, the per-domain status);
+        #: see L{CallOutcome}
+        self.observers: List[Observer] = []
+        #: the clock for the seconds a call took
+        self.timer: Callable[[], float] = time.monotonic
+        #: runs inbound calls that carry an idempotency key once
+        #: (L{fedserver.idempotency.Deduplicator}); without it the key is
+        #: not looked at
+        self.deduplicator: Any = None
+
+    def _notify(self, outcome: CallOutcome) -> None:
+        for observer in self.observers:
+            try:
+                observer(outcome)
+            except Exception:
+                log.failure("a pipeline observer failed on {outcome!r}", outcome=outcome)
 
     # outbound
 
@@ -108,6 +188,26 @@ class Pipeline:
         return Deferred.fromCoroutine(self._send(request))
 
     async def _send(self, request: OutboundRequest) -> Response:
+        if not self.observers:
+            return await self._deliver(request)
+        started = self.timer()
+        component, rpc = route_names(request.path)
+
+        def notify(label: Optional[str], code: Optional[int], message: str) -> None:
+            self._notify(CallOutcome("outbound", request.destination, component, rpc, label, code, message,
+                                     self.timer() - started, request.header("Request-Id")))
+
+        try:
+            response = await self._deliver(request)
+        except Exception as e:
+            notify(*_failure_outcome(e))
+            raise
+        ok = 200 <= response.code < 300
+        notify(None if ok else "federation-remote-error", response.code,
+               "" if ok else f"{request.destination} answered {response.code}")
+        return response
+
+    async def _deliver(self, request: OutboundRequest) -> Response:
         targets = await self.discovery.discover(request.destination)
         if not targets:
             raise DiscoveryFailure(f"discovery found no target for {request.destination}")
@@ -145,7 +245,31 @@ class Pipeline:
     async def _handle_inbound(
         self, request: InboundRequest, component: str, rpc: str, request_id: str
     ) -> Response:
+        if not self.observers:
+            return await self._dispatch_inbound(request, component, rpc, request_id, [])
+        started = self.timer()
+        established: List[Peer] = []
+
+        def notify(label: Optional[str], code: Optional[int], message: str) -> None:
+            domain = established[0].claimed_domain if established else None
+            self._notify(CallOutcome("inbound", domain, component, rpc, label, code, message,
+                                     self.timer() - started, request_id))
+
+        try:
+            response = await self._dispatch_inbound(request, component, rpc, request_id, established)
+        except Exception as e:
+            notify(*_failure_outcome(e))
+            raise
+        ok = 200 <= response.code < 300
+        notify(None if ok else "component-error", response.code,
+               "" if ok else f"the component {component} answered {response.code}")
+        return response
+
+    async def _dispatch_inbound(
+        self, request: InboundRequest, component: str, rpc: str, request_id: str, established: List[Peer]
+    ) -> Response:
         peer = await self.authenticate(request)
+        established.append(peer)
         call = FederatedCall(
             origin_domain=peer.claimed_domain,
             target_domain=self.backend_domain,
@@ -165,6 +289,8 @@ class Pipeline:
                 "unknown-component",
             )
         check_json(request.body, "the request body")
+        if self.deduplicator is not None:
+            return await self.deduplicator.handle(call, handler)
         return await handler.handle(call)
 
     async def authenticate(self, request: InboundRequest) -> Peer:

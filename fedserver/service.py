@@ -33,11 +33,21 @@ from fedserver.config import Config, load_config
 from fedserver.context import Context
 from fedserver.errors import ConfigError, FederationError
 from fedserver.http11 import HTTP11Pool
+from fedserver.idempotency import Deduplicator
 from fedserver.interfaces import IConnectionGate
 from fedserver.inward import InwardFederationResource
+from fedserver.metrics import (
+    Metrics,
+    MetricsResource,
+    connection_metrics,
+    discovery_cache_metrics,
+    discovery_caches,
+)
+from fedserver.outbound_queue import OutboundQueue, default_worker_id, queue_metrics
 from fedserver.outward import OutwardRPCResource
 from fedserver.pipeline import Pipeline
 from fedserver.registry import PluginRegistry, check_provides, make_plugin_manager
+from fedserver.status import DomainStatus, StatusAPI, status_resource
 from fedserver.storage import Store
 from fedserver.tls import peer_certificate
 from fedserver.web import FederationSite, ListenerRoot
@@ -156,6 +166,7 @@ class FederationService(MultiService):
     @ivar inward_factory: the inward protocol factory (TLS-wrapped when the
         authenticator terminates TLS).
     @ivar outward_site: the outward L{FederationSite}.
+    @ivar domain_status: the L{DomainStatus} behind C{/status/domains}.
     """
 
     context: Context
@@ -164,6 +175,7 @@ class FederationService(MultiService):
     outward_resource: ListenerRoot
     inward_factory: Any
     outward_site: Any
+    domain_status: DomainStatus
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -221,8 +233,18 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
     )
     component_pool = HTTP11Pool(reactor, max_body=limits.max_body_bytes, max_per_key=128,
                                 idle_timeout=min(50.0, limits.idle_timeout))
-    context = Context(reactor=reactor, config=config, storage=store, http=http, component_pool=component_pool)
+    context = Context(reactor=reactor, config=config, storage=store, http=http, component_pool=component_pool,
+                      metrics=Metrics(backend_domain=config.server.backend_domain))
     context.address_policy  # noqa: B018 - a bad [outward] allow_ip_ranges is reported now
+    # the durable outbound queue and the deduplication of keyed inbound calls (docs/queue.md); built before
+    # the plugins, whose factories may keep context.queue
+    deadline = limits.request_timeout + limits.component_timeout
+    context.queue = OutboundQueue(
+        store, lambda: context.pipeline, backend_domain=config.server.backend_domain, settings=config.queue,
+        clock=reactor, worker_id=config.queue.worker_id or default_worker_id(config.inward_listen),
+        delivery_timeout=deadline,
+    )
+    deduplicator = Deduplicator(store, clock=reactor, ttl=config.queue.dedup_ttl, pending_timeout=deadline)
 
     context.discovery = registry.build("discovery", config.discovery, context)
     context.authenticator = registry.build("authenticator", config.authenticator, context)
@@ -255,6 +277,12 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
         client=context.client,
     )
     context.pipeline = pipeline
+    pipeline.deduplicator = deduplicator
+    domain_status = DomainStatus(reactor)
+    pipeline.observers += [context.metrics.observe, domain_status.observe, context.queue.observe]
+    context.metrics.register_collector(queue_metrics(context.queue))
+    caches = discovery_caches(context.discovery)
+    context.metrics.register_collector(discovery_cache_metrics(caches))
 
     inward = ListenerRoot("inward listener")
     # a bound on everything a request may wait for: discovery, the remote, the component
@@ -262,7 +290,12 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
              "deadline": limits.request_timeout + limits.component_timeout}
     inward.mount(b"federation", InwardFederationResource(pipeline, **route))
     outward = ListenerRoot("outward listener")
-    outward.mount(b"rpc", OutwardRPCResource(pipeline, **route))
+    outward.mount(b"rpc", OutwardRPCResource(pipeline, queue=context.queue, **route))
+    outward.mount(b"metrics", MetricsResource(context.metrics))
+    outward.mount(b"status", status_resource(StatusAPI(domain_status, caches=caches,
+                                                       queue=lambda: (context.queue.destinations,
+                                                                      context.queue.describe)),
+                                             max_body_bytes=limits.max_body_bytes))
     roots = {"inward": inward, "outward": outward}
     for listener, segment, child in _flatten(registry.hook.fedserver_resources(context=context)):
         if listener not in roots:
@@ -290,7 +323,8 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
 
     def site(root: ListenerRoot, gate: Any = None) -> _TrackingSite:
         return _TrackingSite(root, in_flight, max_body_bytes=limits.max_body_bytes, gate=gate,
-                             timeout=limits.idle_timeout, reactor=reactor)
+                             timeout=limits.idle_timeout, header_timeout=limits.header_timeout,
+                             body_timeout=limits.body_timeout, reactor=reactor)
 
     inward_site = site(inward, _connection_gate(context.authenticator))
     inward_factory: Any = (
@@ -306,10 +340,15 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
     top.outward_site = site(outward)
     top.inward_factory = ConnectionLimit(inward_factory, limits.max_connections)
     outward_connections = ConnectionLimit(top.outward_site)
+    top.domain_status = domain_status
+    context.metrics.register_collector(connection_metrics([("inward", top.inward_factory),
+                                                           ("outward", outward_connections)]))
 
     # started in this order, stopped one by one in the reverse order
     _ClosePools([context.client.close, local_pool.closeCachedConnections, component_pool.close]).setServiceParent(top)
     store.setServiceParent(top)
+    context.queue.setServiceParent(top)
+    deduplicator.setServiceParent(top)
     for service in plugin_services:
         service.setServiceParent(top)
     _Drain(reactor, in_flight, [top.inward_factory, outward_connections]).setServiceParent(top)

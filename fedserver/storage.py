@@ -2,25 +2,44 @@
 fedserver's store: a small asynchronous database layer on
 L{twisted.enterprise.adbapi}.
 
-The database is named by a URL: C{sqlite:PATH} (the default is C{fedserver.sqlite} in
-C{[server] data_dir}).  SQL is written portably with
-C{?} placeholders.  Each plugin that keeps data registers its schema as an
-ordered list of migration steps under its own name; L{Store.migrate} applies
-the steps a database lacks, each in a transaction with its version record, at
-startup and before any listener accepts a connection.  SQLite runs in WAL mode
-with C{synchronous=FULL}: a write that was reported done survives a crash.
+The database is named by a URL: C{sqlite:PATH} (the default is
+C{fedserver.sqlite} in C{[server] data_dir}), or C{postgresql://...} (a libpq
+URL, through psycopg 3), which several fedserver processes may share.  SQL is
+written portably, in SQLite's dialect with C{?} placeholders; on PostgreSQL
+every statement is translated in one place, L{fedserver._postgresql.translate}
+(placeholders, C{INTEGER} as C{BIGINT}, C{BLOB} as C{BYTEA}, C{REAL} as
+C{DOUBLE PRECISION}, C{INTEGER PRIMARY KEY} as an identity column).  What
+cannot be written the same way for both, row locks, comes from
+L{Store.dialect}.
+
+Each plugin that keeps data registers its schema as an ordered list of
+migration steps under its own name; L{Store.migrate} applies the steps a
+database lacks, each in a transaction with its version record, at startup
+and before any listener accepts a connection (on PostgreSQL under an
+advisory lock, so that processes starting together migrate one after the
+other).  SQLite runs in WAL mode with C{synchronous=FULL}: a write that was
+reported done survives a crash.
+
+SQLite has one writer at a time: each transaction starts with C{BEGIN
+IMMEDIATE} on the store's one connection, so transactions never interleave.
+PostgreSQL runs a pool of connections at READ COMMITTED: transactions of this
+process and of others run side by side, SQL that must not race takes row
+locks (L{Dialect.for_update}, L{Dialect.lock}), and a transaction that
+collides with another one (a deadlock, or a unique key taken between its
+check and its insert) is run again (see L{fedserver._postgresql}).
 
 Every commit waits for the disk.  Small writes that arrive together (a
 request each) may use L{Store.run_grouped}: they are run one after the other
 in one transaction, each in its own savepoint, and committed together (group
-commit), so that one wait for the disk serves all of them.
+commit), so that one wait for the disk serves all of them; on both databases.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from types import ModuleType
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.enterprise import adbapi
@@ -39,6 +58,8 @@ CREATE TABLE IF NOT EXISTS fedserver_schema (
 )
 """
 
+_POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+
 
 def _prepare_sqlite(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA journal_mode=WAL")
@@ -50,6 +71,75 @@ def _prepare_sqlite(connection: sqlite3.Connection) -> None:
 #: at most this many works of L{Store.run_grouped} share one transaction
 MAX_GROUP = 256
 
+#: connections of a PostgreSQL store (each with its thread); one for SQLite
+POSTGRESQL_CONNECTIONS = 10
+
+
+class Dialect:
+    """
+    What portable SQL cannot say the same way on both databases: row locks.
+    A plugin takes it from L{Store.dialect} and passes it to its works.
+
+    On SQLite each transaction holds the whole database for writing (C{BEGIN
+    IMMEDIATE}), so every lock is already held and these give nothing; on
+    PostgreSQL they take the locks that make a read-then-write safe against
+    the other connections and processes.
+
+    @ivar name: C{"sqlite"} or C{"postgresql"}.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Dialect {self.name}>"
+
+    def for_update(self, of: str = "", *, skip_locked: bool = False) -> str:
+        """
+        The clause to append to a C{SELECT} (after C{ORDER BY} and
+        C{LIMIT}) that locks the rows it reads until the transaction ends:
+        C{" FOR UPDATE"}, C{" FOR UPDATE OF t"} to lock only table (or
+        alias) C{of} of a join, and with C{skip_locked} C{" ... SKIP
+        LOCKED"}: rows another transaction holds are passed over instead of
+        waited for, so concurrent claims take different rows of a pool.
+        C{""} on SQLite.
+        """
+        if self.name != "postgresql":
+            return ""
+        return " FOR UPDATE" + (f" OF {of}" if of else "") + (" SKIP LOCKED" if skip_locked else "")
+
+    def lock(self, cursor: Any, key: str) -> None:
+        """
+        Hold the lock named C{key} (any string) until the transaction ends;
+        wait while another transaction holds it: one way to make
+        transactions about the same thing (a receiver, a name) run one after
+        the other when there is no row to lock yet.  Nothing on SQLite.
+        """
+        if self.name == "postgresql":
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("fedserver: " + key,))
+
+
+SQLITE = Dialect("sqlite")
+POSTGRESQL = Dialect("postgresql")
+
+
+def _load_postgresql(url: str) -> ModuleType:
+    try:
+        from fedserver import _postgresql
+    except ImportError:
+        raise ConfigError(
+            "a postgresql:// database needs psycopg 3, which is not installed; install it with "
+            "pip install 'fedserver[postgresql]'",
+            path="[storage] database",
+        ) from None
+    try:
+        _postgresql.connection_options(url)
+    except ValueError as e:
+        where = _postgresql.display(url)
+        raise ConfigError(f"{where} is not a PostgreSQL URL libpq reads: {str(e).replace(url, where)}",
+                          path="[storage] database") from None
+    return _postgresql
+
 
 class Store(Service):
     """
@@ -57,6 +147,10 @@ class Store(Service):
     closes on stop.
 
     @ivar url: the database URL it was made from.
+    @ivar dialect: L{SQLITE} or L{POSTGRESQL}, for the SQL that differs.
+    @ivar where: the database for messages: the SQLite file, or the URL
+        without its password.
+    @ivar path: the SQLite file (C{""} for PostgreSQL).
     """
 
     def __init__(self, url: str, *, reactor: Any) -> None:
@@ -69,13 +163,26 @@ class Store(Service):
         self._grouping = False
         #: groups committed so far (each one transaction with its commit)
         self.groups_committed = 0
+        self._pg: Any = None
+        self._in_transaction: Callable[..., Any] = _in_transaction
+        self._in_group: Callable[..., Any] = _in_group
         if url.startswith("sqlite:"):
+            self.dialect = SQLITE
             self.path = url[len("sqlite:"):]
             if not self.path:
                 raise ConfigError(f"{url!r} names no file; use sqlite:PATH", path="[storage] database")
+            self.where = self.path
+        elif url.startswith(_POSTGRESQL_SCHEMES):
+            self.dialect = POSTGRESQL
+            self._pg = _load_postgresql(url)
+            self._in_transaction = self._pg.in_transaction
+            self._in_group = self._pg.in_group
+            self.path = ""
+            self.where = self._pg.display(url)
         else:
             raise ConfigError(
-                f"{url!r} is not a supported database URL; this version supports sqlite:PATH",
+                f"{url!r} is not a supported database URL; this version supports sqlite:PATH and "
+                "postgresql://USER@HOST/DATABASE",
                 path="[storage] database",
             )
 
@@ -84,7 +191,8 @@ class Store(Service):
         Declare C{owner}'s tables as migration steps: step I{n} (from 1)
         takes the schema from version I{n-1} to I{n}.  Steps are never edited
         once released; a change is a new step.  Each step may hold several
-        statements separated by semicolons.
+        statements separated by semicolons, written portably (they are
+        translated for PostgreSQL).
         """
         if owner in self._schemas and list(self._schemas[owner]) != list(steps):
             raise ValueError(f"two different schemas are registered for {owner!r}")
@@ -105,50 +213,84 @@ class Store(Service):
         @raise ConfigError: the database cannot be opened, or it is newer than
             this code.
         """
+        if self._pg is not None:
+            return self._migrate_postgresql()
         try:
             connection = self._connect()
         except sqlite3.Error as e:
             raise ConfigError(f"cannot open {self.path}: {e}", path="[storage] database") from None
-        applied = []
         try:
-            connection.execute(_SCHEMA_TABLE)
-            for owner, steps in sorted(self._schemas.items()):
-                row = connection.execute(
-                    "SELECT version FROM fedserver_schema WHERE owner = ?", (owner,)
-                ).fetchone()
-                current = row[0] if row else 0
-                if current > len(steps):
-                    raise ConfigError(
-                        f"the database has {owner} schema version {current}, but this fedserver "
-                        f"knows only up to {len(steps)}: it was used by a newer fedserver",
-                        path="[storage] database",
-                    )
-                for version in range(current + 1, len(steps) + 1):
-                    connection.execute("BEGIN IMMEDIATE")
-                    try:
-                        for statement in _statements(steps[version - 1]):
-                            connection.execute(statement)
-                        connection.execute(
-                            "INSERT INTO fedserver_schema (owner, version) VALUES (?, ?) "
-                            "ON CONFLICT (owner) DO UPDATE SET version = excluded.version",
-                            (owner, version),
-                        )
-                        connection.execute("COMMIT")
-                    except sqlite3.Error as e:
-                        connection.execute("ROLLBACK")
-                        raise ConfigError(
-                            f"{owner} schema step {version} failed in {self.path}: {e}; "
-                            "the database was left at the previous step",
-                            path="[storage] database",
-                        ) from None
-                    except BaseException:
-                        connection.execute("ROLLBACK")
-                        raise
-                    applied.append((owner, version))
-                    log.info("applied {owner} schema step {version}", owner=owner, version=version)
+            return self._apply_steps(connection.execute, "BEGIN IMMEDIATE", (sqlite3.Error,), str)
         finally:
             connection.close()
+
+    def _migrate_postgresql(self) -> List[Tuple[str, int]]:
+        pg = self._pg
+        connection = self._connect_postgresql()
+        try:
+            cursor = connection.cursor()
+            # released when the connection closes, if not before
+            cursor.execute("SELECT pg_advisory_lock(hashtextextended(?, 0))", (pg.MIGRATION_LOCK,))
+            warning = pg.warn_about_collation(cursor)
+            if warning is not None:
+                log.warn("{warning}", warning=warning)
+            return self._apply_steps(cursor.execute, "BEGIN", (pg.Error,), pg.message)
+        except pg.Error as e:
+            raise ConfigError(f"cannot migrate {self.where}: {pg.message(e)}", path="[storage] database") from None
+        finally:
+            connection.close()
+
+    def _connect_postgresql(self) -> Any:
+        try:
+            return self._pg.connect(self.url)
+        except self._pg.Error as e:
+            raise ConfigError(
+                f"cannot connect to {self.where}: {self._pg.message(e)}", path="[storage] database"
+            ) from None
+
+    def _apply_steps(
+        self, execute: Callable[..., Any], begin: str, errors: Tuple[type[BaseException], ...],
+        describe: Callable[[Any], str],
+    ) -> List[Tuple[str, int]]:
+        applied = []
+        execute(_SCHEMA_TABLE)
+        for owner, steps in sorted(self._schemas.items()):
+            row = execute("SELECT version FROM fedserver_schema WHERE owner = ?", (owner,)).fetchone()
+            current = row[0] if row else 0
+            self._check_version(owner, current)
+            for version in range(current + 1, len(steps) + 1):
+                execute(begin)
+                try:
+                    for statement in _statements(steps[version - 1]):
+                        execute(statement)
+                    execute(
+                        "INSERT INTO fedserver_schema (owner, version) VALUES (?, ?) "
+                        "ON CONFLICT (owner) DO UPDATE SET version = excluded.version",
+                        (owner, version),
+                    )
+                    execute("COMMIT")
+                except errors as e:
+                    execute("ROLLBACK")
+                    raise ConfigError(
+                        f"{owner} schema step {version} failed in {self.where}: {describe(e)}; "
+                        "the database was left at the previous step",
+                        path="[storage] database",
+                    ) from None
+                except BaseException:
+                    execute("ROLLBACK")
+                    raise
+                applied.append((owner, version))
+                log.info("applied {owner} schema step {version}", owner=owner, version=version)
         return applied
+
+    def _check_version(self, owner: str, version: int) -> None:
+        known = len(self._schemas.get(owner, ()))
+        if owner in self._schemas and version > known:
+            raise ConfigError(
+                f"the database has {owner} schema version {version}, but this fedserver knows only up "
+                f"to {known}: it was used by a newer fedserver",
+                path="[storage] database",
+            )
 
     def check(self) -> None:
         """
@@ -156,6 +298,9 @@ class Store(Service):
         that cannot be opened or is newer than this code, or a folder where
         it cannot be created.
         """
+        if self._pg is not None:
+            self._check_versions(self._postgresql_versions())
+            return
         if not os.path.exists(self.path):
             folder = os.path.dirname(os.path.abspath(self.path))
             while not os.path.exists(folder):
@@ -174,27 +319,49 @@ class Store(Service):
                 connection.close()
         except sqlite3.Error as e:
             raise ConfigError(f"cannot open {self.path}: {e}", path="[storage] database") from None
+        self._check_versions(rows)
+
+    def _postgresql_versions(self) -> List[Tuple[str, int]]:
+        connection = self._connect_postgresql()
+        try:
+            cursor = connection.cursor()
+            if cursor.execute("SELECT to_regclass('fedserver_schema')").fetchone()[0] is None:
+                return []  # no schema table yet: migrate will create it
+            return list(cursor.execute("SELECT owner, version FROM fedserver_schema").fetchall())
+        except self._pg.Error as e:
+            raise ConfigError(f"cannot read {self.where}: {self._pg.message(e)}", path="[storage] database") from None
+        finally:
+            connection.close()
+
+    def _check_versions(self, rows: Iterable[Tuple[str, int]]) -> None:
         for owner, version in rows:
-            known = len(self._schemas.get(owner, ()))
-            if owner in self._schemas and version > known:
-                raise ConfigError(
-                    f"the database has {owner} schema version {version}, but this fedserver knows only up "
-                    f"to {known}: it was used by a newer fedserver",
-                    path="[storage] database",
-                )
+            self._check_version(owner, version)
 
     def startService(self) -> None:
         super().startService()
-        self._pool = adbapi.ConnectionPool(
-            "sqlite3",
-            self.path,
-            check_same_thread=False,
-            isolation_level=None,
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=_prepare_sqlite,
-            cp_reactor=self._reactor,
-        )
+        if self._pg is not None:
+            self._pool = adbapi.ConnectionPool(
+                "psycopg",
+                self.url,
+                **self._pg.connection_options(self.url),
+                cp_min=1,
+                cp_max=POSTGRESQL_CONNECTIONS,
+                # a connection that failed is tested, and dropped if broken (the server restarted)
+                cp_reconnect=True,
+                cp_good_sql="SELECT 1",
+                cp_reactor=self._reactor,
+            )
+        else:
+            self._pool = adbapi.ConnectionPool(
+                "sqlite3",
+                self.path,
+                check_same_thread=False,
+                isolation_level=None,
+                cp_min=1,
+                cp_max=1,
+                cp_openfun=_prepare_sqlite,
+                cp_reactor=self._reactor,
+            )
         self._pool.start()
 
     def stopService(self) -> None:
@@ -217,14 +384,17 @@ class Store(Service):
 
     def run_operation(self, sql: str, params: Sequence[Any] = ()) -> Deferred[None]:
         """Run one statement in its own transaction; fire when committed."""
-        return self._require_pool().runInteraction(_execute_committed, sql, tuple(params))
+        return self._require_pool().runInteraction(self._in_transaction, _execute, sql, tuple(params))
 
     def run_interaction(self, work: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """
         Run C{work(cursor, *args)} in a thread within one transaction;
-        commit when it returns, roll back when it raises.
+        commit when it returns, roll back when it raises.  On PostgreSQL a
+        work that collided with a concurrent transaction (a deadlock, a
+        unique key taken meanwhile) is rolled back and run again: it must
+        act only through C{cursor}.
         """
-        return self._require_pool().runInteraction(_in_transaction, work, *args)
+        return self._require_pool().runInteraction(self._in_transaction, work, *args)
 
     def run_grouped(self, work: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """
@@ -238,6 +408,11 @@ class Store(Service):
         transaction itself fails (at its start, its commit, or because a
         work broke it), nothing of the group is kept and each fails.
 
+        On PostgreSQL the groups of one process run one at a time, on one
+        connection, as on SQLite; a work that collided with another process
+        (a deadlock, a unique key taken meanwhile) is rolled back to its
+        savepoint and run again alone right after its group's commit.
+
         For short works only: the others of its group wait for each one.
         """
         pool = self._require_pool()
@@ -250,7 +425,7 @@ class Store(Service):
     def _next_group(self, pool: Any) -> None:
         group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
         self._grouping = True
-        done = pool.runInteraction(_in_group, [(work, args) for work, args, _ in group])
+        done = pool.runInteraction(self._in_group, [(work, args) for work, args, _ in group])
         done.addBoth(self._group_done, group)
 
     def _group_done(self, outcome: Any, group: List[Tuple[Callable[..., Any], Tuple[Any, ...], Deferred[Any]]]) -> None:
@@ -270,8 +445,8 @@ class Store(Service):
             self._next_group(self._pool)
 
 
-def _execute_committed(cursor: Any, sql: str, params: Tuple) -> None:
-    _in_transaction(cursor, lambda c: c.execute(sql, params))
+def _execute(cursor: Any, sql: str, params: Tuple) -> None:
+    cursor.execute(sql, params)
 
 
 def _in_transaction(cursor: Any, work: Callable[..., Any], *args: Any) -> Any:

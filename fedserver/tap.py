@@ -32,13 +32,20 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """Build the service; a configuration error exits with its message."""
+    """
+    Build the service; a configuration error exits with its message.
+    C{[logging] format} chooses how the runner (C{twistd} or C{twist},
+    whose options are C{options.parent}) writes the log.
+    """
+    from fedserver import logs
     from fedserver.service import build_service
 
+    config = options["loaded_config"]
     try:
-        return build_service(options["loaded_config"])
+        service = build_service(config)
     except ConfigError as e:
         raise SystemExit(f"fedserver: {e}") from None
+    return logs.install(service, config.log_format, getattr(options, "parent", None))
 
 
 __all__ = ["Options", "makeService"]

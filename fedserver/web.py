@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -185,6 +186,80 @@ class FederationRequest(server.Request):
         super().write(data)
 
 
+class FederationChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 connection of a listener that bounds how long a request may
+    take to arrive, besides Twisted's idle timeout (which every byte
+    resets, so it alone lets a peer that trickles a byte now and then hold
+    the connection for ever):
+
+     - its request line and headers must be in within the site's
+       C{header_timeout} seconds of its first byte;
+     - its body within C{body_timeout} seconds of the end of its headers.
+
+    A request too slow to arrive was never dispatched, so nothing is lost:
+    the connection is aborted without an answer, and a line is logged.
+    HTTP/1.1 only: fedserver never offers HTTP/2 (no ALPN), so Twisted's
+    HTTP/2 negotiator is not used.
+    """
+
+    site: Any
+    _deadline: Any = None
+
+    def _start(self, what: str, seconds: Optional[float], key: str) -> None:
+        self._stop()
+        if seconds is not None:
+            # the site's reactor (set by HTTPFactory.buildProtocol), as Twisted's idle timeout uses
+            call_later: Any = self.callLater
+            self._deadline = call_later(seconds, self._too_slow, what, seconds, key)
+
+    def _stop(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self, what: str, seconds: float, key: str) -> None:
+        self._deadline = None
+        transport: Any = self.transport
+        peer = transport.getPeer() if transport is not None else None
+        log.info(
+            "closed the connection from {peer}: {what} did not arrive within {seconds} s ([limits] {key})",
+            peer=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+            what=what,
+            seconds=seconds,
+            key=key,
+        )
+        if transport is not None:
+            transport.abortConnection()
+
+    def _awaiting_head(self) -> bool:
+        # in line mode and not answering a request: the next bytes are a request line or headers
+        return bool(self.line_mode) and not self._handlingRequest
+
+    def dataReceived(self, data: bytes) -> None:
+        # also the part of a next request that came while one was answered,
+        # which requestDone hands back through here
+        if self._deadline is None and self._awaiting_head():
+            self._start("the request line and headers", self.site.header_timeout, "header_timeout")
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._stop()
+        super().allHeadersReceived()
+        refused = getattr(self.requests[-1], "_rejected", False) if self.requests else False
+        if self.length != 0 and not refused:
+            self._start("the request body", self.site.body_timeout, "body_timeout")
+
+    def allContentReceived(self) -> None:
+        self._stop()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop()
+        super().connectionLost(reason)
+
+
 class FederationSite(server.Site):
     """
     The site for a fedserver listener.
@@ -192,17 +267,25 @@ class FederationSite(server.Site):
     @ivar max_body_bytes: larger request bodies are refused unread.
     @ivar gate: called with each request once its headers are in; returns a
         L{FederationError} to refuse it before its body is read, or C{None}.
+    @ivar header_timeout: seconds a request's line and headers may take to
+        arrive, from its first byte; C{None} for no bound.
+    @ivar body_timeout: seconds a request's body may take to arrive, from
+        the end of its headers; C{None} for no bound.
     """
 
+    protocol = FederationChannel  # type: ignore[assignment]
     requestFactory = FederationRequest
     displayTracebacks = False
 
     def __init__(self, root: resource.IResource, *, max_body_bytes: int,
                  gate: Optional[Callable[[server.Request], Optional[FederationError]]] = None,
+                 header_timeout: Optional[float] = None, body_timeout: Optional[float] = None,
                  **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self.max_body_bytes = max_body_bytes
         self.gate = gate
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
 
     def log(self, request: Any) -> None:
         # fedserver logs each request itself, with its request id and outcome

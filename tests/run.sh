@@ -15,6 +15,25 @@ if ! command -v openssl >/dev/null; then
     fi
 fi
 
+# PostgreSQL for the storage tests (tests/integration/test_postgresql.py, FEDSERVER_TEST_POSTGRESQL):
+# the machine's own server on 127.0.0.1:5432, started when it is down.  Without one those tests fail
+# and say why; they are never skipped.
+if [ -z "${FEDSERVER_TEST_POSTGRESQL:-}" ] && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+        for version in $(ls /etc/postgresql); do
+            pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+        done
+        for _ in $(seq 1 30); do
+            pg_isready -q -h 127.0.0.1 -p 5432 && break
+            sleep 1
+        done
+    fi
+    if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+        echo "tests/run.sh: no PostgreSQL answers on 127.0.0.1:5432 and it could not be started" \
+             "(pg_ctlcluster VERSION main start, as root); the PostgreSQL tests will fail" >&2
+    fi
+fi
+
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test,dev]' --config-settings editable_mode=strict

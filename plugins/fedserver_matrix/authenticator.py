@@ -243,6 +243,12 @@ class MatrixSignatureAuthenticator:
                     f"the signature of {origin} by {key_id} does not verify for {request.method} {uri[:200]}",
                     "bad-signature",
                 ) from None
+            except UnicodeEncodeError:
+                # JSON may escape a lone surrogate ("\ud800"); canonical JSON, which is signed, cannot hold one
+                raise XMatrixError(
+                    "the request body is not JSON that can be signed: a string holds a lone surrogate",
+                    "not-json",
+                ) from None
         # a Peer is immutable: one per verified origin serves every request
         peer = self._peers.get(origin)
         if peer is None:

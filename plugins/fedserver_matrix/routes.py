@@ -184,6 +184,10 @@ class MatrixRoot(resource.Resource):
     def getChild(self, path: bytes, request: server.Request) -> resource.IResource:
         return _MatrixNotFound()
 
+    def render(self, request: server.Request) -> int:
+        # /_matrix itself: as any other path it does not serve (not Twisted's HTML 405 or 501)
+        return _MatrixNotFound().render(request)
+
 
 class _MatrixNotFound(resource.Resource):
     isLeaf = True

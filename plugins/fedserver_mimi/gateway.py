@@ -25,6 +25,11 @@ application as C{requester: {appId, identityConfiguration}}:
   ratchetTree?}};
 - C{deliver-welcome} C{{groupId, epoch, welcome}} -> C{{welcomed}}: a
   Welcome for KeyPackages the calling gateway claimed here.
+
+Claims and Welcome messages are kept by the calling domain, so a call
+relayed through a relay hub (L{fedserver_relay.delegation}) is refused
+(C{403 access-denied}): the gateway would take the hub's domain for the
+caller's.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+import json
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 from cryptography import x509
@@ -57,8 +63,18 @@ from fedserver.jsonapi import (
     uuid_id,
 )
 from fedserver.rpc_client import RPCClient, unexpected_body
-from fedserver.values import FederatedCall, Identity
-from fedserver_mimi.gateway_store import App, Claimed, Client, GatewayStore, NewKeyPackage, WelcomeTarget
+from fedserver.values import FederatedCall, Identity, Response
+from fedserver_mimi.gateway_store import (
+    DEFAULT_CLAIM_TTL,
+    DEFAULT_WELCOMES_PER_CLIENT,
+    MAX_LISTING,
+    App,
+    Claimed,
+    Client,
+    GatewayStore,
+    NewKeyPackage,
+    WelcomeTarget,
+)
 from fedserver_mimi.identity import BasicIdentityProvider, X509IdentityProvider
 from fedserver_mimi.keypackage import (
     KeyPackage,
@@ -88,6 +104,13 @@ CREDENTIAL_TYPES = {1: "basic", 2: "x509"}
 #: an MLSMessage's version (mls10) and wire format (mls_key_package): KeyPackages are kept and served so framed
 MLS_KEY_PACKAGE_HEADER = b"\x00\x01\x00\x05"
 
+#: the headers a relay hub adds to the calls it relays (L{fedserver_relay.delegation}: ORIGIN, ORIGIN_DOMAIN,
+#: HOPS); a call with any of them is refused
+RELAY_HEADERS = ("Fedserver-Relay-Origin", "Fedserver-Relay-Origin-Domain", "Fedserver-Relay-Hops")
+#: the largest identity configuration of another gateway's application taken from its list-apps, in characters of
+#: JSON
+MAX_IDENTITY_CONFIGURATION = 16 * 1024
+
 
 @attrs.frozen
 class GatewayLimits:
@@ -100,6 +123,12 @@ class GatewayLimits:
     handle_bytes: int = 1024
     label_length: int = 64
     proposals_per_epoch: int = 100
+    #: unconsumed KeyPackages one other domain may hold of one queue (and claims of its final key)
+    claims_per_peer_per_queue: int = 100
+    #: seconds after which a claim that no Welcome used is released
+    claim_ttl: int = DEFAULT_CLAIM_TTL
+    #: Welcome messages a client keeps at most
+    welcomes_per_client: int = DEFAULT_WELCOMES_PER_CLIENT
 
 
 def token_hash(token: str) -> str:
@@ -203,8 +232,14 @@ class Gateway(RPCComponent):
         limits: GatewayLimits = GatewayLimits(),
         declared: Sequence[Tuple[str, str, str, str, bool]] = (),
         admin_token_hash: Optional[str] = None,
+        queue: Callable[[], Any] = lambda: None,
+        welcome_wait: float = 30.0,
     ) -> None:
         self.store = store
+        #: gives the durable outbound queue (C{context.queue}) that Welcome messages for other gateways go through
+        self.queue = queue
+        #: seconds a commit waits for the Welcome to reach the other gateways before it answers C{queued}
+        self.welcome_wait = welcome_wait
         self.remote = remote
         self.providers = dict(providers)
         self.backend_domain = backend_domain
@@ -287,7 +322,7 @@ class Gateway(RPCComponent):
 
     async def require_app(self, app_id: str) -> App:
         app = await self.store.app(app_id)
-        if app is None:
+        if app is None or app.retired:  # a retired application is not there for anybody (its data is kept)
             raise APIError(404, "not-found", f"there is no application {app_id}")
         return app
 
@@ -344,7 +379,13 @@ class Gateway(RPCComponent):
             if app_id is None:
                 raise bad_request("listing another gateway's clients needs app=ID, the application there")
             answer = await self.call_remote(caller, where, "list-clients", {"appId": app_id, "tag": tag}, request_id)
-            return {"identities": remote_identities(answer, where)}
+            identities = remote_identities(answer, where)
+            # the handles listed, to check the KeyPackages claimed from these clients later
+            await self.store.record_remote_clients(
+                where, app_id, [(i["clientId"], base64.b64decode(i["clientIdentity"])) for i in identities],
+                keep=self.limits.claim_ttl,
+            )
+            return {"identities": identities}
         target = await self.target_app(caller, app_id)
         clients = await self.store.clients_by_tag(target.id, tag)
         return {"identities": [client_json(c) for c in clients]}
@@ -405,9 +446,8 @@ class Gateway(RPCComponent):
     ) -> NewKeyPackage:
         """
         Decode, parse and check one KeyPackage for C{queue} of C{client}:
-        both signatures, the queue's version and cipher suite, a lifetime
-        that has not ended, and a credential that the application's identity
-        provider accepts now and that gives the client's handle.
+        the queue's version and cipher suite, what L{check_credential}
+        checks, and a credential that gives the client's handle.
         """
         data = b64decode(value, where, maximum=64 * 1024)
         kp = parse_uploaded(data, where)
@@ -417,6 +457,26 @@ class Gateway(RPCComponent):
                 f"{where} is for protocol version {kp.version} and cipher suite {kp.cipher_suite}, but queue "
                 f"{queue.id} holds version {queue.protocol_version} and cipher suite {queue.cipher_suite}",
             )
+        handle = await self.check_credential(kp, where, provider)
+        if handle.encode("utf-8") != client.handle:
+            raise APIError(
+                422, "key-package-mismatch",
+                f"{where} has the client handle {handle[:120]!r}, but client {client.id} is registered as "
+                f"{client.handle[:120].decode('utf-8', 'replace')!r}",
+            )
+        return NewKeyPackage(ref=key_package_ref(kp), data=MLS_KEY_PACKAGE_HEADER + kp.raw,
+                             not_before=kp.lifetime.not_before, not_after=kp.lifetime.not_after)
+
+    async def check_credential(self, kp: KeyPackage, where: str, provider: Any) -> str:
+        """
+        Check a parsed KeyPackage as every one the gateway takes (uploaded,
+        or claimed from another gateway): both signatures, a lifetime that
+        has not ended, a credential that C{provider} accepts now and, for
+        x509, whose leaf certificate's key is the LeafNode's signature key;
+        fire with the client handle the credential gives.  C{422
+        invalid-key-package}, C{key-package-expired} or C{invalid-credential}
+        otherwise.
+        """
         check_signatures(kp, where)
         now = self.now()
         if kp.lifetime.not_after < now:
@@ -435,14 +495,7 @@ class Gateway(RPCComponent):
                 f"{where}: the public key of the leaf certificate is not the LeafNode's signature_key "
                 "(RFC 9420, section 5.3.1)",
             )
-        if handle.encode("utf-8") != client.handle:
-            raise APIError(
-                422, "key-package-mismatch",
-                f"{where} has the client handle {handle[:120]!r}, but client {client.id} is registered as "
-                f"{client.handle[:120].decode('utf-8', 'replace')!r}",
-            )
-        return NewKeyPackage(ref=key_package_ref(kp), data=MLS_KEY_PACKAGE_HEADER + kp.raw,
-                             not_before=kp.lifetime.not_before, not_after=kp.lifetime.not_after)
+        return str(handle)
 
     async def claim(
         self,
@@ -472,31 +525,57 @@ class Gateway(RPCComponent):
                  "appLabel": label, "receiverClientId": receiver_client_id},
                 request_id,
             )
-            data = self.remote_key_package(answer, where, version, suite)
-            await self.store.record_remote_claim(key_package_ref(data), where, app_id, client_id)
+            data = await self.remote_key_package(
+                answer, where, version, suite, self.provider_of(caller),
+                await self.store.remote_client_handle(where, app_id, client_id, self.limits.claim_ttl), client_id,
+            )
+            try:
+                await self.store.record_remote_claim(key_package_ref(data), where, app_id, client_id, caller.id)
+            except APIError as e:
+                if e.label != "key-package-exists":
+                    raise
+                raise unexpected_body(where, f"/federation/{COMPONENT}/claim-key-package", e.message) from None
             return {"keyPackage": b64encode(MLS_KEY_PACKAGE_HEADER + data.raw), "isFinalKey": answer["isFinalKey"]}
         target = await self.target_app(caller, app_id)
         claimed = await self.store.claim(
             target.id, client_id, version, suite, label, f"{self.backend_domain}/{receiver_client_id}",
-            receiver_client=receiver_client,
+            receiver_client=receiver_client, claim_ttl=self.limits.claim_ttl,
         )
         return claimed_json(claimed)
 
-    def remote_key_package(self, answer: Any, where: str, version: int, suite: int) -> KeyPackage:
-        """The KeyPackage another gateway answered a claim with, checked as an upload is."""
+    async def remote_key_package(
+        self, answer: Any, where: str, version: int, suite: int, provider: Any, handle: Optional[bytes],
+        client_id: str,
+    ) -> KeyPackage:
+        """
+        The KeyPackage another gateway answered a claim with, checked as an
+        upload is (L{check_credential}, with the claiming application's
+        identity provider C{provider}), for the version and suite asked
+        for, and with C{handle} as its client handle when it is known (from
+        that gateway's C{list-clients}); C{533 federation-unexpected-body}
+        otherwise.
+        """
         path = f"/federation/{COMPONENT}/claim-key-package"
         try:
             answer = json_object(answer, "the answer", required=("keyPackage", "isFinalKey"), strict=False)
             boolean(answer["isFinalKey"], "isFinalKey")
             data = b64decode(answer["keyPackage"], "keyPackage", maximum=64 * 1024)
             kp = parse_uploaded(data, "the KeyPackage")
-            check_signatures(kp, "the KeyPackage")
         except APIError as e:
             raise unexpected_body(where, path, e.message) from None
         if (kp.version, kp.cipher_suite) != (version, suite):
             raise unexpected_body(
                 where, path, f"a KeyPackage for version {kp.version} and cipher suite {kp.cipher_suite}, "
                 f"not the {version} and {suite} asked for",
+            )
+        try:
+            given = await self.check_credential(kp, "the KeyPackage", provider)
+        except APIError as e:
+            raise unexpected_body(where, path, e.message) from None
+        if handle is not None and given.encode("utf-8") != handle:
+            raise unexpected_body(
+                where, path, f"a KeyPackage with the client handle {given[:120]!r}, but it listed client {client_id} "
+                f"as {handle[:120].decode('utf-8', 'replace')!r}",
             )
         return kp
 
@@ -524,9 +603,9 @@ class Gateway(RPCComponent):
         await self.store.add_proposal(app.id, group_id, summary.epoch, proposal, self.limits.proposals_per_epoch)
         return {"epoch": summary.epoch}
 
-    async def proposals(self, app: App, group_id: str) -> Dict[str, Any]:
-        epoch, proposals = await self.store.proposals(app.id, group_id)
-        return {"epoch": epoch, "proposals": [b64encode(p) for p in proposals]}
+    async def proposals(self, app: App, group_id: str, start: int = 0) -> Dict[str, Any]:
+        epoch, proposals, truncated = await self.store.proposals(app.id, group_id, start)
+        return {"epoch": epoch, "proposals": [b64encode(p) for p in proposals], "truncated": truncated}
 
     def handshake(self, data: bytes, where: str, group_id: str, content_type: int) -> Any:
         try:
@@ -577,43 +656,86 @@ class Gateway(RPCComponent):
                     f"{group.cipher_suite}",
                 )
             refs = summary.new_members
-        remote = await self.store.remote_claims(refs)
+        # only the KeyPackages this application claimed from other gateways: another one's are not its to use
+        remote = await self.store.remote_claims(refs, app.id)
+        failed: List[Dict[str, Any]] = []
+        outgoing = self.welcome_items(app, group_id, epoch + 1, welcome, remote, failed, request_id)
+        queue = self.queue()
         welcomed = await self.store.commit(
-            app.id, group_id, epoch, commit, group_info, tree, welcome, refs, list(remote), self.backend_domain
+            app.id, group_id, epoch, commit, group_info, tree, welcome, refs, list(remote), self.backend_domain,
+            max_welcomes=self.limits.welcomes_per_client,
+            outbox=(lambda cursor: queue.insert(cursor, outgoing)) if outgoing else None,
         )
         log.info("group {group} of application {app} moved to epoch {epoch}", group=group_id, app=app.id,
                  epoch=epoch + 1)
         answer: Dict[str, Any] = {
             "epoch": epoch + 1,
             "welcomed": [{"domain": self.backend_domain, "clientId": t.client_id} for t in welcomed],
-            "failed": [],
+            "queued": [],
+            "failed": failed,
         }
-        if welcome is not None:
-            await self.send_welcomes(app, group_id, epoch + 1, welcome, remote, answer, request_id)
+        if outgoing:
+            await self.send_welcomes(outgoing, answer, request_id)
         return answer
 
-    async def send_welcomes(
-        self, app: App, group_id: str, epoch: int, welcome: bytes, remote: Mapping[bytes, Tuple[str, str, str]],
-        answer: Dict[str, Any], request_id: str,
-    ) -> None:
-        """Send the Welcome to every other gateway whose KeyPackages it consumes."""
-        for where in sorted({d for d, _, _ in remote.values()}):
-            try:
-                delivered = await self.call_remote(
-                    app, where, "deliver-welcome",
-                    {"groupId": group_id, "epoch": epoch, "welcome": b64encode(welcome)}, request_id,
-                )
-                welcomed = delivered.get("welcomed")
-                if not isinstance(welcomed, list):  # iterating a peer's number was a 500 after the commit
-                    raise unexpected_body(where, f"/federation/{COMPONENT}/deliver-welcome",
-                                          "an object without the list 'welcomed'")
+    def welcome_items(
+        self, app: App, group_id: str, epoch: int, welcome: Optional[bytes],
+        remote: Mapping[bytes, Tuple[str, str, str]], failed: List[Dict[str, Any]], request_id: str,
+    ) -> List[Any]:
+        """
+        The Welcome's C{deliver-welcome} for every other gateway whose
+        KeyPackages it consumes, as items of the outbound queue (an
+        application that does not federate sends none: each gateway is
+        added to C{failed}).
+        """
+        domains = sorted({d for d, _, _ in remote.values()}) if welcome is not None else []
+        if not domains:
+            return []
+        if not app.federate:
+            refusal = APIError(403, "federation-disabled", f"application {app.id} does not federate (federate = false)")
+            failed.extend({"domain": where, "error": refusal.to_json()} for where in domains)
+            return []
+        queue = self.queue()
+        if queue is None:
+            raise FederationError("this gateway has no outbound queue for Welcome messages", "federation-not-available")
+        body = {"groupId": group_id, "epoch": epoch, "welcome": b64encode(welcome or b""),
+                "requester": {"appId": app.id, "identityConfiguration": identity_configuration(self.provider_of(app))}}
+        data = json.dumps(body).encode("utf-8")
+        return [queue.item(where, COMPONENT, "deliver-welcome", data, request_id=request_id) for where in domains]
+
+    async def send_welcomes(self, outgoing: Sequence[Any], answer: Dict[str, Any], request_id: str) -> None:
+        """
+        Deliver the queued Welcome to the other gateways, waiting at most
+        C{welcome_wait} seconds: a gateway that took it adds its clients to
+        C{welcomed}; one that refused it for good is in C{failed}; one not
+        reached yet is in C{queued} (with the error of the attempt, if one
+        was made), and the queue goes on trying (docs/queue.md).
+        """
+        path = f"/federation/{COMPONENT}/deliver-welcome"
+        attempts = await self.queue().submitted(outgoing, wait=self.welcome_wait)
+        for attempt in attempts:
+            where = attempt.destination
+            if attempt.state == "delivered":
+                try:
+                    delivered = json_object(json.loads(attempt.response.body), "the answer", required=("welcomed",),
+                                            strict=False)
+                    welcomed = json_list(delivered["welcomed"], "welcomed", maximum=MAX_LISTING)
+                except (ValueError, RecursionError, APIError):  # iterating a peer's number was a 500 after the commit
+                    error = unexpected_body(where, path, "an object without the list 'welcomed'").to_json()
+                    answer["failed"].append({"domain": where, "error": error})
+                    continue
                 for client_id in welcomed:
                     answer["welcomed"].append({"domain": where, "clientId": str(client_id)[:64]})
-            except (FederationError, APIError) as e:
-                log.warn("the Welcome of group {group} epoch {epoch} was not delivered to {domain}: {label}: "
-                         "{message} [request {request_id}]", group=group_id, epoch=epoch, domain=where,
-                         label=e.label, message=e.message, request_id=request_id)
-                answer["failed"].append({"domain": where, "error": e.to_json()})
+            elif attempt.state == "dead":
+                log.warn("the Welcome (item {id}) was refused by {domain}: {label} [request {request_id}]",
+                         id=attempt.item_id, domain=where, label=(attempt.error or {}).get("label"),
+                         request_id=request_id)
+                answer["failed"].append({"domain": where, "error": attempt.error})
+            else:
+                entry: Dict[str, Any] = {"domain": where}
+                if attempt.error is not None:
+                    entry["error"] = attempt.error
+                answer["queued"].append(entry)
 
     async def group_info(
         self, caller: App, group_id: str, *, where: Optional[str], app_id: Optional[str], request_id: str
@@ -632,19 +754,21 @@ class Gateway(RPCComponent):
         return answer
 
     async def control_messages(self, app: App, group_id: str, start: int, end: Optional[int]) -> Dict[str, Any]:
-        epoch, commits = await self.store.commits(app.id, group_id, start, end)
+        epoch, commits, truncated = await self.store.commits(app.id, group_id, start, end)
         return {
             "epoch": epoch,
             "messages": [{"epoch": e, "commitPacket": b64encode(c)} for e, c in commits],
+            "truncated": truncated,
         }
 
     async def welcomes(self, app: App, client_id: str, since: int) -> Dict[str, Any]:
-        rows = await self.store.welcomes(app.id, client_id, since)
+        rows, truncated = await self.store.welcomes(app.id, client_id, since)
         return {
             "welcomeMessages": [
                 {"id": i, "domain": origin, "groupId": group, "epoch": epoch, "welcomePacket": b64encode(w)}
                 for i, origin, group, epoch, w in rows
-            ]
+            ],
+            "truncated": truncated,
         }
 
     # the external interface
@@ -660,6 +784,24 @@ class Gateway(RPCComponent):
         if not isinstance(answer, dict):
             raise unexpected_body(where, f"/federation/{COMPONENT}/{rpc}", "a JSON value that is not an object")
         return answer
+
+    async def remote_apps(self, caller: App, where: str, request_id: str) -> Dict[str, Any]:
+        """The applications of C{where}'s gateway that federate, as its C{list-apps} gives them, checked."""
+        return {"apps": remote_apps(await self.call_remote(caller, where, "list-apps", {}, request_id), where)}
+
+    async def _handle(self, call: FederatedCall) -> Response:
+        if any(call.header(name) is not None for name in RELAY_HEADERS):
+            # claims and Welcome messages are keyed on the calling domain, which here would be the hub's
+            refusal = APIError(
+                403, "access-denied",
+                "relayed calls are not accepted by the MIMI gateway: the gateway of the calling domain must call it "
+                "itself",
+            )
+            log.info("{component} refused {rpc} from {origin}, relayed by a hub: {label} [request {request_id}]",
+                     component=self.name, rpc=call.rpc[:80], origin=call.origin_domain, label=refusal.label,
+                     request_id=call.request_id)
+            return refusal.response()
+        return await super()._handle(call)
 
     def rpcs(self) -> Dict[str, RPC]:
         return {
@@ -677,7 +819,7 @@ class Gateway(RPCComponent):
         requester = json_object(body.get("requester"), "requester", required=("appId", "identityConfiguration"),
                                 strict=False)
         app = await self.store.app(app_id)
-        if app is None or not app.federate:
+        if app is None or not app.federate or app.retired:
             raise APIError(404, "not-found", f"{self.backend_domain} has no federating application {app_id}")
         self.require_same_identity(app, requester["identityConfiguration"],
                                    f"application {str(requester['appId'])[:40]} of {origin}")
@@ -709,7 +851,12 @@ class Gateway(RPCComponent):
         label = self.app_label(request.get("appLabel", ""), "appLabel")
         receiver = uuid_id(request["receiverClientId"], "receiverClientId")
         origin = domain(call.origin_domain, "the calling domain")
-        claimed = await self.store.claim(app.id, client_id, version, suite, label, f"{origin}/{receiver}")
+        # the receiver is a client of the calling domain, which names it as it likes: so that a peer cannot take a
+        # queue's KeyPackages for receivers it makes up, it holds at most claims_per_peer_per_queue at once
+        claimed = await self.store.claim(
+            app.id, client_id, version, suite, label, f"{origin}/{receiver}", claim_ttl=self.limits.claim_ttl,
+            max_per_origin=self.limits.claims_per_peer_per_queue,
+        )
         log.info("{origin} claimed a KeyPackage of client {client} for {receiver}", origin=call.origin_domain,
                  client=client_id, receiver=receiver)
         return claimed_json(claimed)
@@ -737,7 +884,8 @@ class Gateway(RPCComponent):
         except MLSMessageError as e:
             raise _mls_error("welcome", e) from None
         welcomed: List[WelcomeTarget] = await self.store.deliver_welcome(
-            call.origin_domain, group_id, epoch, welcome, summary.new_members
+            call.origin_domain, group_id, epoch, welcome, summary.new_members,
+            max_welcomes=self.limits.welcomes_per_client,
         )
         log.info("{origin} delivered the Welcome of group {group} epoch {epoch} to {count} clients",
                  origin=call.origin_domain, group=group_id, epoch=epoch, count=len(welcomed))
@@ -815,6 +963,48 @@ def remote_identities(answer: Mapping[str, Any], where: str) -> List[Dict[str, A
     except APIError as e:
         raise unexpected_body(where, path, e.message) from None
     return identities
+
+
+def remote_identity_configuration(value: Any) -> Dict[str, Any]:
+    """
+    Another gateway's identity configuration of an application, rebuilt
+    from its known fields: C{type} (text) and C{parameters} (an object of
+    at most L{MAX_IDENTITY_CONFIGURATION} characters of JSON);
+    C{400 bad-request} otherwise.
+    """
+    config = json_object(value, "identityConfiguration", required=("type",), strict=False)
+    rebuilt: Dict[str, Any] = {"type": text(config["type"], "the identity configuration's type", maximum=256)}
+    if "parameters" in config:
+        parameters = json_object(config["parameters"], "the identity configuration's parameters", strict=False)
+        try:
+            size = len(json.dumps(parameters, ensure_ascii=False))
+        except (ValueError, RecursionError):
+            raise bad_request("the identity configuration's parameters cannot be written as JSON") from None
+        if size > MAX_IDENTITY_CONFIGURATION:
+            raise bad_request(f"the identity configuration's parameters are longer than {MAX_IDENTITY_CONFIGURATION} "
+                              "characters of JSON")
+        rebuilt["parameters"] = parameters
+    return rebuilt
+
+
+def remote_apps(answer: Mapping[str, Any], where: str) -> List[Dict[str, Any]]:
+    """Another gateway's C{list-apps} answer, checked and rebuilt from its known fields only."""
+    path = f"/federation/{COMPONENT}/list-apps"
+    try:
+        items = json_list(json_object(answer, "the answer", required=("apps",), strict=False)["apps"], "apps",
+                          maximum=MAX_LISTING)
+        apps = []
+        for item in items:
+            entry = json_object(item, "an application", required=("appId", "name", "identityConfiguration"),
+                                strict=False)
+            apps.append({
+                "appId": uuid_id(entry["appId"], "appId"),
+                "name": text(entry["name"], "name", maximum=128),
+                "identityConfiguration": remote_identity_configuration(entry["identityConfiguration"]),
+            })
+    except APIError as e:
+        raise unexpected_body(where, path, e.message) from None
+    return apps
 
 
 def remote_group_info(answer: Mapping[str, Any], where: str, group_id: str) -> Dict[str, Any]:

@@ -81,7 +81,7 @@ class GatewayAPI:
         r.add("PUT", groups, self._create_group)
         r.add("GET", (*group, "group-info"), self._group_info, ("domain", "app"))
         r.add("PUT", (*group, "proposals"), self._add_proposal)
-        r.add("GET", (*group, "proposals"), self._proposals)
+        r.add("GET", (*group, "proposals"), self._proposals, ("start",))
         r.add("PUT", (*group, "epochs"), self._commit)
         r.add("GET", (*group, "control-msgs"), self._control_messages, ("startEpochId", "endEpochId"))
 
@@ -127,7 +127,8 @@ class GatewayAPI:
                 raise APIError(403, "access-denied", "listing another gateway's applications needs an application's "
                                                      "token: the request goes out for that application")
             where = domain(query["domain"], "domain")
-            return json_response(await self.gateway.call_remote(caller.app, where, "list-apps", {}, request_id))
+            # rebuilt field by field: the peer's answer is not passed on as it came
+            return json_response(await self.gateway.remote_apps(caller.app, where, request_id))
         if caller.admin:
             apps = await self.gateway.store.apps()
         else:
@@ -259,7 +260,8 @@ class GatewayAPI:
 
     async def _proposals(self, caller: Caller, app_id: str, group_id: str, *, query: Dict[str, str], body: bytes,
                          request_id: str) -> Response:
-        return json_response(await self.gateway.proposals(self._app_of(caller), self._group_id(group_id)))
+        start = query_integer(query.get("start"), "start", minimum=0, maximum=2**31 - 1, default=0)
+        return json_response(await self.gateway.proposals(self._app_of(caller), self._group_id(group_id), start))
 
     async def _commit(self, caller: Caller, app_id: str, group_id: str, *, query: Dict[str, str], body: bytes,
                       request_id: str) -> Response:

@@ -9,14 +9,16 @@ C{mimi-gateway}.
 - key queues, one per client, protocol version, cipher suite and label,
   holding KeyPackages (by their KeyPackageRef) and an optional final key;
 - claims: which receiver (domain and client id) holds which KeyPackage, until
-  a commit's Welcome consumes it, and who was given a queue's final key
-  (which is never consumed);
+  a commit's Welcome consumes it or the claim lifetime ends, and who was
+  given a queue's final key (which is never consumed; each claim of it is
+  good for one Welcome);
 - groups with their current epoch and group info, the commit of every epoch,
   the proposals of the current epoch, and Welcome messages per client;
-- KeyPackages this gateway claimed from other gateways, so that a Welcome
-  naming them is sent to the gateway that issued them.
+- KeyPackages this gateway's applications claimed from other gateways, so
+  that a Welcome of the application that claimed them is sent to the
+  gateway that issued them, and the client handles other gateways listed.
 
-Every method that writes runs one transaction (C{BEGIN IMMEDIATE} through
+Every method that writes runs one transaction (through
 L{fedserver.storage.Store.run_interaction}), or, for claims and
 registrations, one savepoint of a transaction shared with those that arrive
 together (L{fedserver.storage.Store.run_grouped}: group commit, each still
@@ -24,17 +26,30 @@ applied alone and in order); a claim and a commit each read
 and write within that one transaction, and a commit moves the epoch with
 C{UPDATE ... WHERE epoch = ?}, so two concurrent requests can never take one
 KeyPackage or both commit one epoch.
+
+On SQLite transactions never interleave.  On PostgreSQL, where several
+connections and fedserver processes share the database, the reads that a
+write depends on take row locks (L{fedserver.storage.Dialect}): a claim
+serializes the claims of one receiver on one queue (an advisory lock) and
+picks its KeyPackage with C{FOR UPDATE SKIP LOCKED}, so concurrent claims
+for different receivers take different KeyPackages without waiting for each
+other (but another domain's claims of one queue, which are counted against
+its allowance, take a second advisory lock for that domain and queue, so
+that they run one at a time); a proposal and a commit lock their group's row; consuming a
+KeyPackage for a Welcome locks its row.  A check-then-insert that loses to a
+concurrent insert (a client handle, a queue, a group) is run again by the
+store and then answers as on SQLite (C{409}).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import attrs
 from twisted.internet.defer import Deferred
 
 from fedserver.jsonapi import APIError, new_id
-from fedserver.storage import Store
+from fedserver.storage import SQLITE, Dialect, Store
 
 SCHEMA_OWNER = "mimi-gateway"
 
@@ -70,16 +85,21 @@ SCHEMA_STEPS = [
         app_label TEXT NOT NULL,
         final_key BLOB,
         final_ref BLOB,
+        final_not_before INTEGER,
         final_not_after INTEGER,
         UNIQUE (client_id, protocol_version, cipher_suite, app_label)
     );
     CREATE INDEX mimi_queues_by_final_ref ON mimi_queues (final_ref);
+    -- a receiver's claim of a queue's final key: good for one Welcome (the row is then deleted), released
+    -- after the claim lifetime
     CREATE TABLE mimi_final_claims (
         ref BLOB NOT NULL,
         claimed_by TEXT NOT NULL,
         queue_id TEXT NOT NULL REFERENCES mimi_queues (id) ON DELETE CASCADE,
+        claimed_at REAL NOT NULL,
         PRIMARY KEY (ref, claimed_by)
     );
+    CREATE INDEX mimi_final_claims_by_queue ON mimi_final_claims (queue_id, claimed_by);
     CREATE TABLE mimi_key_packages (
         ref BLOB PRIMARY KEY,
         queue_id TEXT NOT NULL REFERENCES mimi_queues (id) ON DELETE CASCADE,
@@ -94,12 +114,27 @@ SCHEMA_STEPS = [
     -- a claim reads the KeyPackage its receiver holds, or the unclaimed one that expires first, straight from
     -- this index (claimed_by IS NULL is an equality here): no scan of the queue, no sort
     CREATE INDEX mimi_key_packages_by_claim ON mimi_key_packages (queue_id, claimed_by, consumed, not_after, ref);
+    -- claims past the claim lifetime are released from this index (claimed_at IS NULL for unclaimed ones)
+    CREATE INDEX mimi_key_packages_by_claimed_at ON mimi_key_packages (queue_id, consumed, claimed_at);
+    -- KeyPackages an application of this gateway (local_app_id) claimed from another gateway (domain), whose
+    -- application app_id and client client_id issued them
     CREATE TABLE mimi_remote_claims (
-        ref BLOB PRIMARY KEY,
+        ref BLOB NOT NULL,
+        local_app_id TEXT NOT NULL,
         domain TEXT NOT NULL,
         app_id TEXT NOT NULL,
         client_id TEXT NOT NULL,
-        claimed_at REAL NOT NULL
+        claimed_at REAL NOT NULL,
+        PRIMARY KEY (ref, local_app_id)
+    );
+    -- the client handles other gateways listed (list-clients), to check the KeyPackages claimed from them
+    CREATE TABLE mimi_remote_clients (
+        domain TEXT NOT NULL,
+        app_id TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        handle BLOB NOT NULL,
+        seen REAL NOT NULL,
+        PRIMARY KEY (domain, app_id, client_id)
     );
     CREATE TABLE mimi_groups (
         id TEXT PRIMARY KEY,
@@ -141,6 +176,13 @@ SCHEMA_STEPS = [
 
 #: at most this many rows in one listing
 MAX_LISTING = 1000
+#: a listing of MLS messages (Welcome messages, commits, proposals) stops adding rows once their messages hold
+#: this many bytes (it always has one row, if there is one); the answer then says C{truncated: true}
+MAX_LISTING_BYTES = 8 * 1024 * 1024
+#: a claim neither consumed nor given again within this many seconds is released (L{GatewayStore.claim})
+DEFAULT_CLAIM_TTL = 7 * 24 * 3600
+#: a client keeps at most this many Welcome messages by default
+DEFAULT_WELCOMES_PER_CLIENT = 1000
 
 
 def not_found(what: str) -> APIError:
@@ -157,6 +199,8 @@ class App:
     identity_provider: str
     federate: bool
     declared: bool
+    #: declared in the configuration once and no longer: no token opens it, and nobody reaches it
+    retired: bool = False
 
     def to_json(self) -> Dict[str, Any]:
         return {"appId": self.id, "name": self.name, "federate": self.federate, "declared": self.declared}
@@ -351,33 +395,66 @@ class GatewayStore:
         receiver: str,
         *,
         receiver_client: Optional[Tuple[str, str]] = None,
+        claim_ttl: float = DEFAULT_CLAIM_TTL,
+        max_per_origin: Optional[int] = None,
     ) -> Deferred[Claimed]:
         """
         Claim a KeyPackage of C{client_id} for C{receiver} (C{domain/client
         id}): the one it already holds, if still valid and not consumed; else
-        the valid unclaimed one that expires first; else the final key.
-        C{404 no-key-package} when there is none.  With C{receiver_client}
-        (C{(app id, client id)}), that client must exist first (C{404
-        not-found}), checked in the same transaction.  Concurrent claims
-        share their commit (L{Store.run_grouped}).
+        the valid unclaimed one that expires first; else the final key (if
+        its lifetime has begun and not ended).  C{404 no-key-package} when
+        there is none.  A claim that no Welcome consumed within C{claim_ttl}
+        seconds is released first: its KeyPackage is unclaimed again, and a
+        final-key claim is forgotten.  With C{max_per_origin}, the receiver's
+        domain may hold at most that many unconsumed KeyPackages of the queue,
+        and as many claims of its final key (C{429 too-many-claims}).  With
+        C{receiver_client} (C{(app id, client id)}), that client must exist
+        first (C{404 not-found}), checked in the same transaction.
+        Concurrent claims share their commit (L{Store.run_grouped}).
         """
         return self._store.run_grouped(
             _claim, app_id, client_id, protocol_version, cipher_suite, app_label, receiver, self._now(),
-            receiver_client,
+            receiver_client, self._store.dialect, float(claim_ttl), max_per_origin,
         )
 
-    def record_remote_claim(self, ref: bytes, domain: str, app_id: str, client_id: str) -> Deferred[None]:
-        """Remember that C{ref} was claimed from C{domain}'s client C{client_id} of its app C{app_id}."""
-        return self._store.run_operation(
-            "INSERT INTO mimi_remote_claims (ref, domain, app_id, client_id, claimed_at) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (ref) DO UPDATE SET domain = excluded.domain, app_id = excluded.app_id, "
-            "client_id = excluded.client_id, claimed_at = excluded.claimed_at",
-            (ref, domain, app_id, client_id, self._now()),
-        )
+    def record_remote_claim(
+        self, ref: bytes, domain: str, app_id: str, client_id: str, local_app_id: str
+    ) -> Deferred[None]:
+        """
+        Remember that application C{local_app_id} of this gateway claimed
+        C{ref} from C{domain}'s client C{client_id} of its application
+        C{app_id}.  C{409 key-package-exists} when C{ref} was claimed from
+        another domain: a KeyPackage has one issuer.
+        """
+        return self._store.run_interaction(_record_remote_claim, ref, domain, app_id, client_id, local_app_id,
+                                           self._now())
 
-    def remote_claims(self, refs: Iterable[bytes]) -> Deferred[Dict[bytes, Tuple[str, str, str]]]:
-        """For each of C{refs} claimed from another gateway: C{(domain, app id, client id)}."""
-        return self._store.run_interaction(_remote_claims, tuple(refs))
+    def remote_claims(self, refs: Iterable[bytes], local_app_id: str) -> Deferred[Dict[bytes, Tuple[str, str, str]]]:
+        """
+        For each of C{refs} that application C{local_app_id} claimed from
+        another gateway: C{(domain, app id, client id)}.
+        """
+        return self._store.run_interaction(_remote_claims, tuple(refs), local_app_id)
+
+    def record_remote_clients(
+        self, domain: str, app_id: str, clients: Sequence[Tuple[str, bytes]], keep: float
+    ) -> Deferred[None]:
+        """
+        Remember the handles of C{domain}'s clients of its application
+        C{app_id} (C{(client id, handle)}, as its C{list-clients} gave them),
+        forgetting those of that application not seen for C{keep} seconds.
+        """
+        return self._store.run_interaction(_record_remote_clients, domain, app_id, tuple(clients), self._now(),
+                                           float(keep))
+
+    def remote_client_handle(
+        self, domain: str, app_id: str, client_id: str, keep: float
+    ) -> Deferred[Optional[bytes]]:
+        """
+        The handle C{domain}'s C{list-clients} last gave for C{client_id} of
+        C{app_id}, if it did within C{keep} seconds.
+        """
+        return self._store.run_interaction(_remote_client_handle, domain, app_id, client_id, self._now() - keep)
 
     # groups
 
@@ -397,11 +474,17 @@ class GatewayStore:
         self, app_id: str, group_id: str, epoch: int, proposal: bytes, max_proposals: int
     ) -> Deferred[int]:
         """File a proposal for the current epoch; C{409 stale-epoch} when C{epoch} is not it."""
-        return self._store.run_interaction(_add_proposal, app_id, group_id, epoch, proposal, max_proposals, self._now())
+        return self._store.run_interaction(
+            _add_proposal, app_id, group_id, epoch, proposal, max_proposals, self._now(), self._store.dialect
+        )
 
-    def proposals(self, app_id: str, group_id: str) -> Deferred[Tuple[int, List[bytes]]]:
-        """The current epoch and its proposals, oldest first."""
-        return self._store.run_interaction(_proposals, app_id, group_id)
+    def proposals(self, app_id: str, group_id: str, start: int = 0) -> Deferred[Tuple[int, List[bytes], bool]]:
+        """
+        The current epoch, its proposals oldest first from the C{start}th
+        (0: the first), at most L{MAX_LISTING} of them and no more once they
+        hold L{MAX_LISTING_BYTES}, and whether some were left out.
+        """
+        return self._store.run_interaction(_proposals, app_id, group_id, start)
 
     def commit(
         self,
@@ -415,42 +498,71 @@ class GatewayStore:
         welcome_refs: Sequence[bytes],
         remote_refs: Sequence[bytes],
         local_domain: str,
+        *,
+        max_welcomes: int = DEFAULT_WELCOMES_PER_CLIENT,
+        outbox: Optional[Callable[[Any], None]] = None,
     ) -> Deferred[List[WelcomeTarget]]:
         """
         Record the commit of C{epoch} and move the group to C{epoch + 1}.
-        With a Welcome, every one of C{welcome_refs} must be a claimed,
-        unconsumed KeyPackage of this gateway (consumed now, and the Welcome
-        filed for its client), a claimed final key of this gateway (never
-        consumed), or one of C{remote_refs}; C{422 unknown-key-package} names
-        any other.
-        C{409 stale-epoch} (with the current epoch) when C{epoch} is not the
-        group's epoch.  Fires with the local clients welcomed.
+        C{outbox(cursor)}, if given, runs last in the same transaction (the
+        gateway queues the Welcome for other gateways there, so that it is
+        queued exactly when the commit is recorded).
+        With a Welcome, every one of C{welcome_refs} must be one of
+        C{remote_refs}, or a KeyPackage of this gateway that a client of
+        C{app_id} claimed (C{local_domain/client id}) and no Welcome
+        consumed yet (consumed now, and the Welcome filed for its owner), or
+        a final key of this gateway with such a claim (the claim is used up;
+        the final key stays); the owner's application must not be retired.
+        C{422 unknown-key-package} names any other.  C{429
+        too-many-welcomes} when an owner keeps C{max_welcomes} Welcome
+        messages already.  C{409 stale-epoch} (with the current epoch) when
+        C{epoch} is not the group's epoch.  Fires with the local clients
+        welcomed.
         """
         return self._store.run_interaction(
             _commit, app_id, group_id, epoch, commit_message, group_info, ratchet_tree, welcome,
-            tuple(welcome_refs), tuple(remote_refs), local_domain, self._now(),
+            tuple(welcome_refs), tuple(remote_refs), local_domain, self._now(), self._store.dialect, max_welcomes,
+            outbox,
         )
 
     def commits(
         self, app_id: str, group_id: str, start: int, end: Optional[int]
-    ) -> Deferred[Tuple[int, List[Tuple[int, bytes]]]]:
-        """The group's current epoch and its commits for epochs C{start..end}, at most L{MAX_LISTING}."""
+    ) -> Deferred[Tuple[int, List[Tuple[int, bytes]], bool]]:
+        """
+        The group's current epoch, its commits for epochs C{start..end}, at
+        most L{MAX_LISTING} and no more once they hold L{MAX_LISTING_BYTES},
+        and whether some were left out.
+        """
         return self._store.run_interaction(_commits, app_id, group_id, start, end)
 
     # welcome messages
 
     def deliver_welcome(
-        self, origin: str, group_id: str, epoch: int, welcome: bytes, refs: Sequence[bytes]
+        self, origin: str, group_id: str, epoch: int, welcome: bytes, refs: Sequence[bytes], *,
+        max_welcomes: int = DEFAULT_WELCOMES_PER_CLIENT,
     ) -> Deferred[List[WelcomeTarget]]:
         """
         File a Welcome sent by the gateway of C{origin} for the KeyPackages
-        among C{refs} that C{origin} claimed here, consuming them; fires with
-        the clients welcomed (C{422 unknown-key-package} when none is).
+        among C{refs} that C{origin} claimed here, consuming them (a final
+        key's claim is used up), unless the owner's application is retired;
+        fires with the clients welcomed (C{422 unknown-key-package} when
+        none is, C{404 not-found} when the only ones were of retired
+        applications, C{429 too-many-welcomes} when an owner keeps
+        C{max_welcomes} already).
         """
-        return self._store.run_interaction(_deliver_welcome, origin, group_id, epoch, welcome, tuple(refs), self._now())
+        return self._store.run_interaction(
+            _deliver_welcome, origin, group_id, epoch, welcome, tuple(refs), self._now(), self._store.dialect,
+            max_welcomes,
+        )
 
-    def welcomes(self, app_id: str, client_id: str, since: int) -> Deferred[List[Tuple[int, str, str, int, bytes]]]:
-        """A client's Welcome messages after id C{since}: (id, origin domain, group id, epoch, welcome)."""
+    def welcomes(
+        self, app_id: str, client_id: str, since: int
+    ) -> Deferred[Tuple[List[Tuple[int, str, str, int, bytes]], bool]]:
+        """
+        A client's Welcome messages after id C{since} (id, origin domain,
+        group id, epoch, welcome), at most L{MAX_LISTING} and no more once
+        they hold L{MAX_LISTING_BYTES}, and whether some were left out.
+        """
         return self._store.run_interaction(_welcomes, app_id, client_id, since)
 
 
@@ -458,10 +570,13 @@ class GatewayStore:
 
 
 def _app_row(row: Sequence[Any]) -> App:
-    return App(id=row[0], name=row[1], identity_provider=row[2], federate=bool(row[3]), declared=bool(row[4]))
+    return App(id=row[0], name=row[1], identity_provider=row[2], federate=bool(row[3]), declared=bool(row[4]),
+               retired=bool(row[5]))
 
 
-_APP_COLUMNS = "id, name, identity_provider, federate, declared"
+#: what L{_retire_undeclared_apps} sets the token hash of a retired application to
+_RETIRED = "'retired:' || id"
+_APP_COLUMNS = f"id, name, identity_provider, federate, declared, CASE WHEN token_hash = {_RETIRED} THEN 1 ELSE 0 END"
 
 
 def _upsert_app(
@@ -691,9 +806,12 @@ def _fill_queue(
         )
     if final_key is not None:
         cursor.execute(
-            "UPDATE mimi_queues SET final_key = ?, final_ref = ?, final_not_after = ? WHERE id = ?",
-            (final_key.data, final_key.ref, final_key.not_after, queue_id),
+            "UPDATE mimi_queues SET final_key = ?, final_ref = ?, final_not_before = ?, final_not_after = ? "
+            "WHERE id = ?",
+            (final_key.data, final_key.ref, final_key.not_before, final_key.not_after, queue_id),
         )
+        # the claims of the final key it replaces can no longer be used
+        cursor.execute("DELETE FROM mimi_final_claims WHERE queue_id = ? AND ref <> ?", (queue_id, final_key.ref))
     available = _available(cursor, queue_id, now)
     if available > max_in_pool:
         raise APIError(
@@ -703,16 +821,29 @@ def _fill_queue(
     return available
 
 
+def too_many_claims(origin: str, client_id: str, maximum: int, what: str) -> APIError:
+    """C{429 too-many-claims}."""
+    return APIError(
+        429, "too-many-claims",
+        f"{origin} holds {maximum} {what} of client {client_id} that no Welcome has used yet, as many as one domain "
+        "may; send the Welcomes for them, or wait until unused claims are released",
+    )
+
+
 def _claim(
     cursor: Any, app_id: str, client_id: str, version: int, suite: int, label: str, receiver: str, now_f: float,
-    receiver_client: Optional[Tuple[str, str]] = None,
+    receiver_client: Optional[Tuple[str, str]] = None, dialect: Dialect = SQLITE,
+    claim_ttl: float = DEFAULT_CLAIM_TTL, max_per_origin: Optional[int] = None,
 ) -> Claimed:
     now = int(now_f)
+    released = now_f - claim_ttl
+    # the receiver's domain, as its claims are named: "domain/client id"
+    origin = receiver.rpartition("/")[0] + "/"
     if receiver_client is not None:
         _require_client_id(cursor, *receiver_client)
     _require_client_id(cursor, app_id, client_id)
     cursor.execute(
-        "SELECT id, final_key, final_not_after, final_ref FROM mimi_queues "
+        "SELECT id, final_key, final_not_after, final_ref, final_not_before FROM mimi_queues "
         "WHERE client_id = ? AND protocol_version = ? AND cipher_suite = ? AND app_label = ?",
         (client_id, version, suite, label),
     )
@@ -724,6 +855,19 @@ def _claim(
             f"and label {label!r}",
         )
     queue_id = queue[0]
+    # one claim at a time per receiver and queue, so that a receiver never holds two (concurrent claims for
+    # different receivers go on side by side)
+    dialect.lock(cursor, f"mimi-claim {queue_id} {receiver}")
+    if max_per_origin is not None:
+        # and one at a time per domain and queue, so that the domain's count below stays true until the end
+        dialect.lock(cursor, f"mimi-claims-of {queue_id} {origin}")
+    # claims that no Welcome consumed in time are released: claimable again (through the index on claimed_at,
+    # which passes over the unclaimed ones)
+    cursor.execute(
+        "UPDATE mimi_key_packages SET claimed_by = NULL, claimed_at = NULL "
+        "WHERE queue_id = ? AND consumed = 0 AND claimed_at < ?",
+        (queue_id, released),
+    )
     cursor.execute(
         "SELECT data FROM mimi_key_packages WHERE queue_id = ? AND claimed_by = ? AND consumed = 0 "
         "AND not_before <= ? AND not_after >= ? ORDER BY not_after, ref LIMIT 1",
@@ -732,9 +876,17 @@ def _claim(
     held = cursor.fetchone()
     if held is not None:
         return Claimed(bytes(held[0]), False)
+    if max_per_origin is not None:
+        cursor.execute(
+            "SELECT COUNT(*) FROM mimi_key_packages WHERE queue_id = ? AND consumed = 0 AND claimed_by IS NOT NULL "
+            "AND substr(claimed_by, 1, ?) = ?",
+            (queue_id, len(origin), origin),
+        )
+        if cursor.fetchone()[0] >= max_per_origin:
+            raise too_many_claims(origin[:-1], client_id, max_per_origin, "KeyPackages")
     cursor.execute(
         "SELECT ref, data FROM mimi_key_packages WHERE queue_id = ? AND claimed_by IS NULL AND consumed = 0 "
-        "AND not_before <= ? AND not_after >= ? ORDER BY not_after, ref LIMIT 1",
+        "AND not_before <= ? AND not_after >= ? ORDER BY not_after, ref LIMIT 1" + dialect.for_update(skip_locked=True),
         (queue_id, now, now),
     )
     row = cursor.fetchone()
@@ -743,27 +895,87 @@ def _claim(
             "UPDATE mimi_key_packages SET claimed_by = ?, claimed_at = ? WHERE ref = ? AND claimed_by IS NULL",
             (receiver, now_f, row[0]),
         )
-        if cursor.rowcount != 1:  # only where another writer won the row (not on SQLite, which serializes)
+        if cursor.rowcount != 1:  # never: the row is locked (on SQLite, the database)
             raise APIError(503, "claim-conflict", f"a concurrent claim took the KeyPackage of {client_id}; retry")
         return Claimed(bytes(row[1]), False)
-    if queue[1] is not None and queue[2] >= now:
-        # the final key is never consumed, but a Welcome may name it only for those it was given to
+    if queue[1] is not None and (queue[4] or 0) <= now <= queue[2]:
+        # the final key is never consumed, but a Welcome may name it only for those it was given to, once per claim;
+        # claims of an earlier final key, and those not used in time, are gone
         cursor.execute(
-            "INSERT INTO mimi_final_claims (ref, claimed_by, queue_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-            (queue[3], receiver, queue_id),
+            "DELETE FROM mimi_final_claims WHERE queue_id = ? AND (ref <> ? OR claimed_at < ?)",
+            (queue_id, queue[3], released),
         )
+        cursor.execute("SELECT 1 FROM mimi_final_claims WHERE ref = ? AND claimed_by = ?", (queue[3], receiver))
+        if cursor.fetchone() is None:
+            if max_per_origin is not None:
+                cursor.execute(
+                    "SELECT COUNT(*) FROM mimi_final_claims WHERE queue_id = ? AND substr(claimed_by, 1, ?) = ?",
+                    (queue_id, len(origin), origin),
+                )
+                if cursor.fetchone()[0] >= max_per_origin:
+                    raise too_many_claims(origin[:-1], client_id, max_per_origin, "claims of the final key")
+            cursor.execute(
+                "INSERT INTO mimi_final_claims (ref, claimed_by, queue_id, claimed_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (queue[3], receiver, queue_id, now_f),
+            )
         return Claimed(bytes(queue[1]), True)
-    raise APIError(404, "no-key-package", f"client {client_id} has no KeyPackage left in queue {queue_id}")
+    # the queue's id is internal: this answer may go to another gateway
+    raise APIError(
+        404, "no-key-package",
+        f"client {client_id} has no KeyPackage left for protocol version {version}, cipher suite {suite} and label "
+        f"{label!r}",
+    )
 
 
-def _remote_claims(cursor: Any, refs: Tuple[bytes, ...]) -> Dict[bytes, Tuple[str, str, str]]:
+def _record_remote_claim(
+    cursor: Any, ref: bytes, domain: str, app_id: str, client_id: str, local_app_id: str, now: float
+) -> None:
+    cursor.execute("SELECT domain FROM mimi_remote_claims WHERE ref = ? AND domain <> ? LIMIT 1", (ref, domain))
+    row = cursor.fetchone()
+    if row is not None:
+        raise APIError(
+            409, "key-package-exists",
+            f"KeyPackage {ref.hex()} was claimed from {row[0]} already; {domain} cannot have issued it too",
+        )
+    cursor.execute(
+        "INSERT INTO mimi_remote_claims (ref, local_app_id, domain, app_id, client_id, claimed_at) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (ref, local_app_id) DO UPDATE SET app_id = excluded.app_id, "
+        "client_id = excluded.client_id, claimed_at = excluded.claimed_at",
+        (ref, local_app_id, domain, app_id, client_id, now),
+    )
+
+
+def _remote_claims(cursor: Any, refs: Tuple[bytes, ...], local_app_id: str) -> Dict[bytes, Tuple[str, str, str]]:
     found = {}
     for ref in refs:
-        cursor.execute("SELECT domain, app_id, client_id FROM mimi_remote_claims WHERE ref = ?", (ref,))
+        cursor.execute(
+            "SELECT domain, app_id, client_id FROM mimi_remote_claims WHERE ref = ? AND local_app_id = ?",
+            (ref, local_app_id),
+        )
         row = cursor.fetchone()
         if row is not None:
             found[ref] = (row[0], row[1], row[2])
     return found
+
+
+def _record_remote_clients(
+    cursor: Any, domain: str, app_id: str, clients: Tuple[Tuple[str, bytes], ...], now: float, keep: float
+) -> None:
+    cursor.execute("DELETE FROM mimi_remote_clients WHERE domain = ? AND app_id = ? AND seen < ?",
+                   (domain, app_id, now - keep))
+    cursor.executemany(
+        "INSERT INTO mimi_remote_clients (domain, app_id, client_id, handle, seen) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (domain, app_id, client_id) DO UPDATE SET handle = excluded.handle, seen = excluded.seen",
+        [(domain, app_id, client_id, handle, now) for client_id, handle in clients],
+    )
+
+
+def _remote_client_handle(cursor: Any, domain: str, app_id: str, client_id: str, since: float) -> Optional[bytes]:
+    cursor.execute("SELECT handle FROM mimi_remote_clients WHERE domain = ? AND app_id = ? AND client_id = ? "
+                   "AND seen >= ?", (domain, app_id, client_id, since))
+    row = cursor.fetchone()
+    return None if row is None else bytes(row[0])
 
 
 def _group_row(row: Sequence[Any]) -> Group:
@@ -786,9 +998,11 @@ def _create_group(
     )
 
 
-def _require_group(cursor: Any, app_id: str, group_id: str) -> Group:
+def _require_group(cursor: Any, app_id: str, group_id: str, lock: str = "") -> Group:
+    """The group, read with C{lock} (L{Dialect.for_update}: the epoch cannot move until the transaction ends)."""
     cursor.execute(
-        "SELECT id, app_id, cipher_suite, epoch, group_info, ratchet_tree FROM mimi_groups WHERE id = ? AND app_id = ?",
+        "SELECT id, app_id, cipher_suite, epoch, group_info, ratchet_tree FROM mimi_groups WHERE id = ? AND app_id = ?"
+        + lock,
         (group_id, app_id),
     )
     row = cursor.fetchone()
@@ -807,9 +1021,10 @@ def stale_epoch(group_id: str, epoch: int, current: int) -> APIError:
 
 
 def _add_proposal(
-    cursor: Any, app_id: str, group_id: str, epoch: int, proposal: bytes, max_proposals: int, now: float
+    cursor: Any, app_id: str, group_id: str, epoch: int, proposal: bytes, max_proposals: int, now: float,
+    dialect: Dialect = SQLITE,
 ) -> int:
-    group = _require_group(cursor, app_id, group_id)
+    group = _require_group(cursor, app_id, group_id, dialect.for_update())
     if epoch != group.epoch:
         raise stale_epoch(group_id, epoch, group.epoch)
     cursor.execute("SELECT COUNT(*) FROM mimi_proposals WHERE group_id = ? AND epoch = ?", (group_id, epoch))
@@ -818,52 +1033,138 @@ def _add_proposal(
             400, "too-many-proposals", f"group {group_id} has {max_proposals} proposals in epoch {epoch}; commit first"
         )
     cursor.execute(
-        "INSERT INTO mimi_proposals (group_id, epoch, proposal, created) VALUES (?, ?, ?, ?)",
+        "INSERT INTO mimi_proposals (group_id, epoch, proposal, created) VALUES (?, ?, ?, ?) RETURNING id",
         (group_id, epoch, proposal, now),
     )
-    return int(cursor.lastrowid)
+    return int(cursor.fetchone()[0])
 
 
-def _proposals(cursor: Any, app_id: str, group_id: str) -> Tuple[int, List[bytes]]:
+def _listing_bounds(cursor: Any) -> Tuple[Any, Any, bool]:
+    """
+    The rows C{(key, size in bytes)} of the query just run (in the
+    listing's order, at most L{MAX_LISTING} + 1): the first and last keys
+    of those a listing takes, at most L{MAX_LISTING} and no more once their
+    sizes add up to more than L{MAX_LISTING_BYTES} (but at least one), and
+    whether any were left out.  The messages are read afterwards, by key:
+    only the rows taken are ever read whole.
+    """
+    first = last = None
+    total = count = 0
+    for key, size in cursor.fetchall():
+        size = int(size or 0)
+        if count >= MAX_LISTING or (count and total + size > MAX_LISTING_BYTES):
+            return first, last, True
+        if count == 0:
+            first = key
+        last = key
+        total += size
+        count += 1
+    return first, last, False
+
+
+def _proposals(cursor: Any, app_id: str, group_id: str, start: int = 0) -> Tuple[int, List[bytes], bool]:
     group = _require_group(cursor, app_id, group_id)
     cursor.execute(
-        "SELECT proposal FROM mimi_proposals WHERE group_id = ? AND epoch = ? ORDER BY id", (group_id, group.epoch)
+        "SELECT id, length(proposal) FROM mimi_proposals WHERE group_id = ? AND epoch = ? ORDER BY id LIMIT ? OFFSET ?",
+        (group_id, group.epoch, MAX_LISTING + 1, start),
     )
-    return group.epoch, [bytes(row[0]) for row in cursor.fetchall()]
-
-
-def _final_key_claim(cursor: Any, ref: bytes, prefix: str) -> Optional[WelcomeTarget]:
-    """A claim of the current final key C{ref} by a receiver whose name starts with C{prefix}, or C{None}."""
+    first, last, truncated = _listing_bounds(cursor)
+    if first is None:
+        return group.epoch, [], False
     cursor.execute(
-        "SELECT q.client_id, f.claimed_by FROM mimi_final_claims f JOIN mimi_queues q ON q.id = f.queue_id "
-        "WHERE f.ref = ? AND q.final_ref = f.ref AND substr(f.claimed_by, 1, ?) = ? ORDER BY f.claimed_by LIMIT 1",
-        (ref, len(prefix), prefix),
+        "SELECT proposal FROM mimi_proposals WHERE group_id = ? AND epoch = ? AND id >= ? AND id <= ? ORDER BY id",
+        (group_id, group.epoch, first, last),
     )
+    return group.epoch, [bytes(row[0]) for row in cursor.fetchall()], truncated
+
+
+def _final_key_claim(
+    cursor: Any, ref: bytes, prefix: str, app_id: Optional[str] = None, dialect: Dialect = SQLITE
+) -> Optional[WelcomeTarget]:
+    """
+    A claim of the current final key C{ref} by a receiver whose name starts
+    with C{prefix} (and, with C{app_id}, who is a client of that
+    application), or C{None}.
+    """
+    sql = ("SELECT q.client_id, f.claimed_by FROM mimi_final_claims f JOIN mimi_queues q ON q.id = f.queue_id "
+           "WHERE f.ref = ? AND q.final_ref = f.ref AND substr(f.claimed_by, 1, ?) = ?")
+    params: List[Any] = [ref, len(prefix), prefix]
+    if app_id is not None:
+        sql += " AND EXISTS (SELECT 1 FROM mimi_clients r WHERE r.id = substr(f.claimed_by, ?) AND r.app_id = ?)"
+        params += [len(prefix) + 1, app_id]
+    cursor.execute(sql + " ORDER BY f.claimed_by LIMIT 1" + dialect.for_update("f"), params)
     row = cursor.fetchone()
     return None if row is None else WelcomeTarget(ref=ref, client_id=row[0], claimed_by=row[1])
 
 
-def _consume(cursor: Any, ref: bytes) -> Optional[WelcomeTarget]:
+def _use_final_key_claim(cursor: Any, target: WelcomeTarget) -> bool:
+    """Use up a claim of a final key (one Welcome each); C{False} if a concurrent Welcome used it first."""
+    cursor.execute("DELETE FROM mimi_final_claims WHERE ref = ? AND claimed_by = ?", (target.ref, target.claimed_by))
+    return bool(cursor.rowcount == 1)
+
+
+def _owner_served(cursor: Any, client_id: str) -> bool:
+    """Whether the application of client C{client_id} is not retired (L{_retire_undeclared_apps})."""
+    cursor.execute(
+        "SELECT 1 FROM mimi_clients c JOIN mimi_apps a ON a.id = c.app_id "
+        "WHERE c.id = ? AND a.token_hash <> 'retired:' || a.id",
+        (client_id,),
+    )
+    return cursor.fetchone() is not None
+
+
+def _consume(
+    cursor: Any, ref: bytes, dialect: Dialect = SQLITE, *, app_id: str, local_domain: str
+) -> Optional[WelcomeTarget]:
     """
-    The local client a Welcome naming C{ref} is for: a claimed KeyPackage
-    not yet consumed (consumed now), or a final key that was claimed (never
-    consumed).
+    The local client a Welcome that application C{app_id} commits may name
+    by C{ref}: a KeyPackage that a client of C{app_id} claimed
+    (C{local_domain/client id}) and no Welcome consumed yet (consumed now),
+    or a final key that such a client claimed (the claim is used up, the
+    final key stays), when the owner's application is not retired.
     """
+    prefix = local_domain + "/"
     cursor.execute(
         "SELECT k.ref, q.client_id, k.claimed_by FROM mimi_key_packages k JOIN mimi_queues q ON q.id = k.queue_id "
-        "WHERE k.ref = ? AND k.claimed_by IS NOT NULL AND k.consumed = 0",
-        (ref,),
+        "WHERE k.ref = ? AND k.consumed = 0 AND substr(k.claimed_by, 1, ?) = ? "
+        "AND EXISTS (SELECT 1 FROM mimi_clients r WHERE r.id = substr(k.claimed_by, ?) AND r.app_id = ?)"
+        + dialect.for_update("k"),
+        (ref, len(prefix), prefix, len(prefix) + 1, app_id),
     )
     row = cursor.fetchone()
     if row is None:
-        return _final_key_claim(cursor, ref, "")
+        final = _final_key_claim(cursor, ref, prefix, app_id, dialect)
+        if final is None or not _owner_served(cursor, final.client_id) or not _use_final_key_claim(cursor, final):
+            return None
+        return final
+    if not _owner_served(cursor, row[1]):
+        return None
     cursor.execute("UPDATE mimi_key_packages SET consumed = 1 WHERE ref = ?", (ref,))
     return WelcomeTarget(ref=bytes(row[0]), client_id=row[1], claimed_by=row[2])
 
 
+def _welcome_filed(cursor: Any, client_id: str, origin: str, group_id: str, epoch: int) -> bool:
+    cursor.execute(
+        "SELECT 1 FROM mimi_welcomes WHERE client_id = ? AND origin_domain = ? AND group_id = ? AND epoch = ?",
+        (client_id, origin, group_id, epoch),
+    )
+    return cursor.fetchone() is not None
+
+
 def _file_welcome(
-    cursor: Any, client_id: str, origin: str, group_id: str, epoch: int, welcome: bytes, now: float
+    cursor: Any, client_id: str, origin: str, group_id: str, epoch: int, welcome: bytes, now: float,
+    max_welcomes: int = DEFAULT_WELCOMES_PER_CLIENT,
 ) -> None:
+    if _welcome_filed(cursor, client_id, origin, group_id, epoch):
+        return
+    cursor.execute("SELECT COUNT(*) FROM mimi_welcomes WHERE client_id = ?", (client_id,))
+    if cursor.fetchone()[0] >= max_welcomes:
+        raise APIError(
+            429, "too-many-welcomes",
+            f"client {client_id} keeps {max_welcomes} Welcome messages already, as many as a client may; it takes "
+            "no other until some are gone",
+            data={"clientId": client_id},
+        )
     cursor.execute(
         "INSERT INTO mimi_welcomes (client_id, origin_domain, group_id, epoch, welcome, created) "
         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -884,8 +1185,11 @@ def _commit(
     remote_refs: Tuple[bytes, ...],
     local_domain: str,
     now: float,
+    dialect: Dialect = SQLITE,
+    max_welcomes: int = DEFAULT_WELCOMES_PER_CLIENT,
+    outbox: Optional[Callable[[Any], None]] = None,
 ) -> List[WelcomeTarget]:
-    group = _require_group(cursor, app_id, group_id)
+    group = _require_group(cursor, app_id, group_id, dialect.for_update())
     if epoch != group.epoch:
         raise stale_epoch(group_id, epoch, group.epoch)
     cursor.execute(
@@ -893,7 +1197,7 @@ def _commit(
         "ratchet_tree = COALESCE(?, ratchet_tree) WHERE id = ? AND epoch = ?",
         (epoch + 1, group_info, tree, group_id, epoch),
     )
-    if cursor.rowcount != 1:  # another writer moved the epoch first (not on SQLite, which serializes)
+    if cursor.rowcount != 1:  # never: the group's row is locked (on SQLite, the database)
         raise stale_epoch(group_id, epoch, epoch + 1)
     cursor.execute(
         "INSERT INTO mimi_commits (group_id, epoch, commit_message, welcome, created) VALUES (?, ?, ?, ?, ?)",
@@ -905,7 +1209,7 @@ def _commit(
     for ref in welcome_refs:
         if ref in remote:
             continue
-        target = _consume(cursor, ref)
+        target = _consume(cursor, ref, dialect, app_id=app_id, local_domain=local_domain)
         if target is None:
             unknown.append(ref.hex())
             continue
@@ -919,68 +1223,106 @@ def _commit(
         )
     if welcome is not None:
         for target in welcomed:
-            _file_welcome(cursor, target.client_id, local_domain, group_id, epoch + 1, welcome, now)
+            _file_welcome(cursor, target.client_id, local_domain, group_id, epoch + 1, welcome, now, max_welcomes)
+    if outbox is not None:
+        outbox(cursor)
     return welcomed
 
 
 def _commits(
     cursor: Any, app_id: str, group_id: str, start: int, end: Optional[int]
-) -> Tuple[int, List[Tuple[int, bytes]]]:
+) -> Tuple[int, List[Tuple[int, bytes]], bool]:
     group = _require_group(cursor, app_id, group_id)
     last = group.epoch - 1 if end is None else end
     cursor.execute(
-        "SELECT epoch, commit_message FROM mimi_commits WHERE group_id = ? AND epoch >= ? AND epoch <= ? "
-        f"ORDER BY epoch LIMIT {MAX_LISTING}",
-        (group_id, start, last),
+        "SELECT epoch, length(commit_message) FROM mimi_commits WHERE group_id = ? AND epoch >= ? AND epoch <= ? "
+        "ORDER BY epoch LIMIT ?",
+        (group_id, start, last, MAX_LISTING + 1),
     )
-    return group.epoch, [(row[0], bytes(row[1])) for row in cursor.fetchall()]
+    first, last_taken, truncated = _listing_bounds(cursor)
+    if first is None:
+        return group.epoch, [], False
+    cursor.execute(
+        "SELECT epoch, commit_message FROM mimi_commits WHERE group_id = ? AND epoch >= ? AND epoch <= ? "
+        "ORDER BY epoch",
+        (group_id, first, last_taken),
+    )
+    return group.epoch, [(row[0], bytes(row[1])) for row in cursor.fetchall()], truncated
 
 
 def _deliver_welcome(
-    cursor: Any, origin: str, group_id: str, epoch: int, welcome: bytes, refs: Tuple[bytes, ...], now: float
+    cursor: Any, origin: str, group_id: str, epoch: int, welcome: bytes, refs: Tuple[bytes, ...], now: float,
+    dialect: Dialect = SQLITE, max_welcomes: int = DEFAULT_WELCOMES_PER_CLIENT,
 ) -> List[WelcomeTarget]:
     welcomed = []
+    retired = False
     prefix = origin + "/"
     for ref in refs:
         cursor.execute(
             "SELECT k.claimed_by, q.client_id, k.consumed FROM mimi_key_packages k "
-            "JOIN mimi_queues q ON q.id = k.queue_id WHERE k.ref = ?",
+            "JOIN mimi_queues q ON q.id = k.queue_id WHERE k.ref = ?" + dialect.for_update("k"),
             (ref,),
         )
         row = cursor.fetchone()
-        if row is not None and row[2] and row[0] is not None and row[0].startswith(prefix):
-            # consumed already: the same Welcome delivered again is welcome; another group's is not
-            cursor.execute(
-                "SELECT 1 FROM mimi_welcomes WHERE client_id = ? AND origin_domain = ? AND group_id = ? AND epoch = ?",
-                (row[1], origin, group_id, epoch),
-            )
-            if cursor.fetchone() is not None:
-                welcomed.append(WelcomeTarget(ref=ref, client_id=row[1], claimed_by=row[0]))
+        if row is not None and row[0] is not None and row[0].startswith(prefix):
+            if not _owner_served(cursor, row[1]):
+                retired = True
+                continue
+            if row[2]:
+                # consumed already: the same Welcome delivered again is welcome; another group's is not
+                if _welcome_filed(cursor, row[1], origin, group_id, epoch):
+                    welcomed.append(WelcomeTarget(ref=ref, client_id=row[1], claimed_by=row[0]))
+                continue
+            cursor.execute("UPDATE mimi_key_packages SET consumed = 1 WHERE ref = ?", (ref,))
+            _file_welcome(cursor, row[1], origin, group_id, epoch, welcome, now, max_welcomes)
+            welcomed.append(WelcomeTarget(ref=ref, client_id=row[1], claimed_by=row[0]))
             continue
-        if row is None or row[0] is None or not row[0].startswith(prefix):
-            final = _final_key_claim(cursor, ref, prefix)
-            if final is None:
-                continue  # not ours, or not claimed by the sender: the Welcome is for other gateways too
-            _file_welcome(cursor, final.client_id, origin, group_id, epoch, welcome, now)
-            welcomed.append(final)
+        # a final key: the same Welcome delivered again is welcome (its claim was used the first time)
+        cursor.execute(
+            "SELECT q.client_id FROM mimi_queues q JOIN mimi_welcomes w ON w.client_id = q.client_id "
+            "WHERE q.final_ref = ? AND w.origin_domain = ? AND w.group_id = ? AND w.epoch = ? LIMIT 1",
+            (ref, origin, group_id, epoch),
+        )
+        again = cursor.fetchone()
+        if again is not None:
+            welcomed.append(WelcomeTarget(ref=ref, client_id=again[0], claimed_by=None))
             continue
-        cursor.execute("UPDATE mimi_key_packages SET consumed = 1 WHERE ref = ?", (ref,))
-        _file_welcome(cursor, row[1], origin, group_id, epoch, welcome, now)
-        welcomed.append(WelcomeTarget(ref=ref, client_id=row[1], claimed_by=row[0]))
+        # else it needs a claim of the sender's that no Welcome used yet
+        final = _final_key_claim(cursor, ref, prefix, dialect=dialect)
+        if final is None:
+            continue  # not ours, or not claimed by the sender: the Welcome is for other gateways too
+        if not _owner_served(cursor, final.client_id):
+            retired = True
+            continue
+        if not _use_final_key_claim(cursor, final):
+            continue
+        _file_welcome(cursor, final.client_id, origin, group_id, epoch, welcome, now, max_welcomes)
+        welcomed.append(final)
     if not welcomed:
+        if retired:
+            raise not_found("the Welcome names KeyPackages only of applications this gateway no longer serves")
         raise APIError(
             422, "unknown-key-package",
-            f"the Welcome names no KeyPackage that {origin} claimed from this gateway",
+            f"the Welcome names no KeyPackage that {origin} claimed from this gateway (and did not use already)",
         )
     return welcomed
 
 
-def _welcomes(cursor: Any, app_id: str, client_id: str, since: int) -> List[Tuple[int, str, str, int, bytes]]:
+def _welcomes(
+    cursor: Any, app_id: str, client_id: str, since: int
+) -> Tuple[List[Tuple[int, str, str, int, bytes]], bool]:
     _require_client(cursor, app_id, client_id)
     cursor.execute(
-        "SELECT id, origin_domain, group_id, epoch, welcome FROM mimi_welcomes WHERE client_id = ? AND id > ? "
-        f"ORDER BY id LIMIT {MAX_LISTING}",
-        (client_id, since),
+        "SELECT id, length(welcome) FROM mimi_welcomes WHERE client_id = ? AND id > ? ORDER BY id LIMIT ?",
+        (client_id, since, MAX_LISTING + 1),
     )
-    return [(row[0], row[1], row[2], row[3], bytes(row[4])) for row in cursor.fetchall()]
+    first, last, truncated = _listing_bounds(cursor)
+    if first is None:
+        return [], False
+    cursor.execute(
+        "SELECT id, origin_domain, group_id, epoch, welcome FROM mimi_welcomes WHERE client_id = ? AND id >= ? "
+        "AND id <= ? ORDER BY id",
+        (client_id, first, last),
+    )
+    return [(row[0], row[1], row[2], row[3], bytes(row[4])) for row in cursor.fetchall()], truncated
 

@@ -54,8 +54,10 @@ LABELS: Mapping[str, str] = {
     "missing-token": "no Authorization header, or one that is not 'Bearer TOKEN'",
     "invalid-token": "the bearer token is neither an application's nor the admin's",
     "access-denied": "the token does not act for the application in the path, or the admin token was used "
-                     "where an application's is needed (and the reverse)",
-    "not-found": "there is no such application, client, queue or group (for this application)",
+                     "where an application's is needed (and the reverse); on the external interface, a call "
+                     "relayed through a relay hub (the gateway keys claims and Welcomes on the calling domain)",
+    "not-found": "there is no such application, client, queue or group (for this application); an application "
+                 "no longer declared in the configuration (retired) is not found either",
     "no-endpoint": "no route has this path",
     "method-not-allowed": "the route takes another method",
     "identity-mismatch": "the other application uses another identity configuration",
@@ -72,6 +74,10 @@ LABELS: Mapping[str, str] = {
     "key-package-exists": "a KeyPackage is already filed in another queue",
     "too-many-key-packages": "the queue would hold more KeyPackages than key_packages_per_queue",
     "no-key-package": "the client has no such queue, or no valid KeyPackage left in it",
+    "too-many-claims": "the calling domain holds claims_per_peer_per_queue unconsumed KeyPackages of the queue "
+                       "(or as many claims of its final key) already; they are released after claim_ttl",
+    "too-many-welcomes": "a client the Welcome is for keeps welcomes_per_client Welcome messages already "
+                         "(data.clientId)",
     "claim-conflict": "a concurrent claim took the KeyPackage; retry",
     "invalid-mls-message": "an MLS message does not parse",
     "bad-epoch": "a GroupInfo is for the wrong epoch (a new group starts at 0; a commit's at the next epoch)",
@@ -80,8 +86,9 @@ LABELS: Mapping[str, str] = {
     "wrong-group": "the handshake message is for another group",
     "stale-epoch": "the message is not for the group's current epoch (data.currentEpoch)",
     "too-many-proposals": "the epoch already has proposals_per_epoch proposals",
-    "unknown-key-package": "a Welcome names KeyPackages that were not claimed through this gateway "
-                           "(data.keyPackageRefs)",
+    "unknown-key-package": "a Welcome names KeyPackages that were not claimed through this gateway by the "
+                           "committing application's clients (or by the calling gateway), or that a Welcome used "
+                           "already (data.keyPackageRefs)",
     # fedserver's own (docs/errors.md)
     "request-too-large": "the request body is larger than [limits] max_body_bytes",
     "invalid-json": "the body of a federated call is not JSON",
@@ -137,6 +144,8 @@ REMOTE: Errors = {
     525: ["federation-tls-error"],
     533: ["federation-remote-error", "federation-unexpected-body"],
 }
+#: a call relayed through a relay hub, which the gateway's RPCs refuse
+RELAYED: Errors = {403: ["access-denied"]}
 #: refusals of the inward listener before the gateway sees a call
 PIPELINE: Errors = {
     400: ["invalid-json", "federation-denied", "discovery-failure"],
@@ -149,7 +158,7 @@ PIPELINE: Errors = {
 
 STATUS_TEXT = {
     400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found", 409: "Conflict",
-    413: "Request too large", 422: "Unprocessable", 500: "Not available yet", 503: "Unavailable",
+    413: "Request too large", 422: "Unprocessable", 429: "Too many", 500: "Not available yet", 503: "Unavailable",
     504: "Timeout", 521: "Peer unreachable", 525: "TLS failure", 533: "Peer error",
 }
 
@@ -201,6 +210,8 @@ SUITE = _integer(1, 0xFFFF, "the MLS cipher suite")
 APP_LABEL = _text(64, 0, "the queue's label; empty (the default) for none")
 TAG = _text(256)
 EPOCH = _integer(0, 2**63 - 1)
+TRUNCATED = {"type": "boolean", "description": "true when rows were left out (at most 1000 rows, and no more once "
+                                               "their messages hold 8 MiB): ask again from where this one ended"}
 
 
 def _schemas() -> Dict[str, Any]:
@@ -238,9 +249,10 @@ def _schemas() -> Dict[str, Any]:
                                            ["token"])],
         },
         "AppSummary": _object(
-            {"appId": UUID, "name": {"type": "string"}, "identityConfiguration": _ref("IdentityConfiguration")},
+            {"appId": UUID, "name": _text(128), "identityConfiguration": _ref("IdentityConfiguration")},
             ["appId", "name", "identityConfiguration"],
-            description="A federating application as another gateway lists it.",
+            description="A federating application as another gateway lists it (rebuilt from these fields only; "
+                        "identityConfiguration from its type and parameters, at most 16384 characters of JSON).",
         ),
         "AppList": _object({"apps": {"type": "array", "items": {"anyOf": [_ref("App"), _ref("AppSummary")]}}},
                            ["apps"]),
@@ -494,11 +506,13 @@ def _internal_paths() -> Dict[str, Any]:
         f"{client_path}/welcome-msgs": {
             "get": _operation(
                 "listWelcomes", "A client's Welcome messages",
-                _responses(200, "At most 1000 Welcome messages after since.",
+                _responses(200, "At most 1000 Welcome messages after since, and no more once they hold 8 MiB; "
+                                "with truncated, ask again with since= the last id.",
                            _object({"welcomeMessages": {"type": "array", "items": _object(
                                {"id": {"type": "integer", "minimum": 1}, "domain": DOMAIN, "groupId": GROUP_ID,
                                 "epoch": EPOCH, "welcomePacket": mls},
-                               ["id", "domain", "groupId", "epoch", "welcomePacket"])}}, ["welcomeMessages"]),
+                               ["id", "domain", "groupId", "epoch", "welcomePacket"])}, "truncated": TRUNCATED},
+                                   ["welcomeMessages", "truncated"]),
                            _merge(QUERY, APP, {404: ["not-found"]})),
                 parameters=[*client_params, _query("since", _integer(0, 2**62), "only messages with a larger id")],
             ),
@@ -536,11 +550,15 @@ def _internal_paths() -> Dict[str, Any]:
             ),
             "get": _operation(
                 "listProposals", "The current epoch's proposals",
-                _responses(200, "The current epoch and its proposals, oldest first.",
-                           _object({"epoch": EPOCH, "proposals": {"type": "array", "items": mls}},
-                                   ["epoch", "proposals"]),
+                _responses(200, "The current epoch and its proposals, oldest first, from the start-th; at most "
+                                "1000, and no more once they hold 8 MiB: with truncated, ask again with start= "
+                                "the number received so far (while the epoch is the same).",
+                           _object({"epoch": EPOCH, "proposals": {"type": "array", "items": mls},
+                                    "truncated": TRUNCATED},
+                                   ["epoch", "proposals", "truncated"]),
                            _merge(QUERY, APP, {404: ["not-found"]})),
-                parameters=group_params,
+                parameters=[*group_params, _query("start", _integer(0, 2**31 - 1),
+                                                  "how many of the epoch's proposals to skip (default 0)")],
             ),
         },
         f"{group_path}/epochs": {
@@ -548,18 +566,22 @@ def _internal_paths() -> Dict[str, Any]:
                 "commit", "Commit: move the group to the next epoch",
                 _responses(
                     201, "The new epoch; the clients welcomed, here and on other gateways; the gateways the "
-                         "Welcome could not be delivered to.",
+                         "Welcome is queued for (not reached yet: the durable outbound queue retries, with the "
+                         "error of the last attempt if one was made); the gateways that refused it for good.",
                     _object({
                         "epoch": EPOCH,
                         "welcomed": {"type": "array", "items": _object({"domain": DOMAIN, "clientId": {
                             "type": "string"}}, ["domain", "clientId"])},
+                        "queued": {"type": "array", "items": _object({"domain": DOMAIN, "error": _ref("Error")},
+                                                                     ["domain"])},
                         "failed": {"type": "array", "items": _object({"domain": DOMAIN, "error": _ref("Error")},
                                                                      ["domain", "error"])},
-                    }, ["epoch", "welcomed", "failed"]),
+                    }, ["epoch", "welcomed", "queued", "failed"]),
                     _merge(QUERY, APP, BODY, {
                         400: ["invalid-mls-message"], 404: ["not-found"], 409: ["stale-epoch"],
                         422: ["wrong-content-type", "wrong-group", "bad-epoch", "key-package-mismatch",
                               "unknown-key-package"],
+                        429: ["too-many-welcomes"],
                     }),
                 ),
                 parameters=group_params,
@@ -574,10 +596,12 @@ def _internal_paths() -> Dict[str, Any]:
         f"{group_path}/control-msgs": {
             "get": _operation(
                 "listCommits", "A group's commits",
-                _responses(200, "The current epoch and at most 1000 commits, by epoch.",
+                _responses(200, "The current epoch and at most 1000 commits, by epoch, and no more once they hold "
+                                "8 MiB; with truncated, ask again with startEpochId= the last epoch + 1.",
                            _object({"epoch": EPOCH, "messages": {"type": "array", "items": _object(
-                               {"epoch": EPOCH, "commitPacket": mls}, ["epoch", "commitPacket"])}},
-                                   ["epoch", "messages"]),
+                               {"epoch": EPOCH, "commitPacket": mls}, ["epoch", "commitPacket"])},
+                                    "truncated": TRUNCATED},
+                                   ["epoch", "messages", "truncated"]),
                            _merge(QUERY, APP, {404: ["not-found"]})),
                 parameters=[*group_params,
                             _query("startEpochId", EPOCH, "the first epoch (default 0)"),
@@ -612,11 +636,12 @@ def _external_paths() -> Dict[str, Any]:
     def rpc(name: str, summary: str, body: Dict[str, Any], answer: Mapping[str, Any], errors: Errors,
             description: str) -> Dict[str, Any]:
         operation = _operation(
-            f"rpc-{name}", summary, _responses(200, "The answer.", answer, _merge(errors, STARTUP)),
+            f"rpc-{name}", summary, _responses(200, "The answer.", answer, _merge(errors, RELAYED, STARTUP)),
             parameters=[origin],
             body=body, tag="external", security=[{"peerMutualTLS": []}],
             description=f"{description} Served on the inward listener to authenticated peers; keys the gateway "
-                        "does not know are ignored (a newer peer may add some).",
+                        "does not know are ignored (a newer peer may add some). A call relayed through a relay "
+                        "hub (with Fedserver-Relay-Origin) is refused: 403 access-denied.",
         )
         return {"servers": copy.deepcopy(servers), "post": operation}
 
@@ -640,8 +665,11 @@ def _external_paths() -> Dict[str, Any]:
                  "appLabel": APP_LABEL, "receiverClientId": UUID, "requester": requester},
                 ["appId", "clientId", "protocolVersion", "cipherSuite", "receiverClientId", "requester"],
             ),
-            _ref("ClaimedKeyPackage"), _merge(target, {404: ["no-key-package"], 503: ["claim-conflict"]}),
-            "The receiver is receiverClientId at the calling domain.",
+            _ref("ClaimedKeyPackage"),
+            _merge(target, {404: ["no-key-package"], 429: ["too-many-claims"], 503: ["claim-conflict"]}),
+            "The receiver is receiverClientId at the calling domain. The calling domain holds at most "
+            "claims_per_peer_per_queue unconsumed KeyPackages of one queue (and as many claims of its final key); "
+            "claims that no Welcome used within claim_ttl are released.",
         ),
         "/federation/mimi/group-info": rpc(
             "group-info", "A group's current GroupInfo",
@@ -655,9 +683,10 @@ def _external_paths() -> Dict[str, Any]:
                      "welcome": _base64(MAX_MESSAGE_BYTES, "the Welcome, an MLSMessage")},
                     ["groupId", "epoch", "welcome"]),
             _object({"welcomed": {"type": "array", "items": UUID}}, ["welcomed"]),
-            _merge(PIPELINE, {400: ["bad-request", "invalid-mls-message"], 422: ["unknown-key-package"]}),
-            "For KeyPackages the calling gateway claimed here: each is consumed and the Welcome filed for its "
-            "client.",
+            _merge(PIPELINE, {400: ["bad-request", "invalid-mls-message"], 404: ["not-found"],
+                              422: ["unknown-key-package"], 429: ["too-many-welcomes"]}),
+            "For KeyPackages the calling gateway claimed here: each is consumed (a claim of a final key is used up) "
+            "and the Welcome filed for its client. not-found: every one is of an application that is retired.",
         ),
     }
 

@@ -9,6 +9,9 @@ storage.
     key_packages_per_queue = 1000         # 1-100000
     tags_per_client = 64                  # 1-1000
     proposals_per_epoch = 100             # 1-10000
+    claims_per_peer_per_queue = 100       # 1-100000 unconsumed claims of one queue by one other domain
+    claim_ttl = 604800                    # 60-31536000 seconds until an unused claim is released
+    welcomes_per_client = 1000            # 1-100000 Welcome messages kept per client
 
     [[components.mimi.apps]]
     id = "6c1d3ad0-5b0e-4b6e-9d43-5a2a3c0f7e11"
@@ -37,7 +40,13 @@ from fedserver.jsonapi import uuid_id
 from fedserver.rpc_client import RPCClient
 from fedserver_mimi.gateway import COMPONENT, Gateway, GatewayLimits, token_hash
 from fedserver_mimi.gateway_api import SEGMENT, api_resource
-from fedserver_mimi.gateway_store import SCHEMA_OWNER, SCHEMA_STEPS, GatewayStore
+from fedserver_mimi.gateway_store import (
+    DEFAULT_CLAIM_TTL,
+    DEFAULT_WELCOMES_PER_CLIENT,
+    SCHEMA_OWNER,
+    SCHEMA_STEPS,
+    GatewayStore,
+)
 
 #: a bearer token has at least this many characters
 MIN_TOKEN_LENGTH = 16
@@ -100,6 +109,10 @@ def make_gateway(options: Options, context: Context) -> Gateway:
         key_packages_per_queue=options.get_int("key_packages_per_queue", 1000, minimum=1, maximum=100_000),
         tags_per_client=options.get_int("tags_per_client", 64, minimum=1, maximum=1000),
         proposals_per_epoch=options.get_int("proposals_per_epoch", 100, minimum=1, maximum=10_000),
+        claims_per_peer_per_queue=options.get_int("claims_per_peer_per_queue", 100, minimum=1, maximum=100_000),
+        claim_ttl=options.get_int("claim_ttl", DEFAULT_CLAIM_TTL, minimum=60, maximum=365 * 24 * 3600),
+        welcomes_per_client=options.get_int("welcomes_per_client", DEFAULT_WELCOMES_PER_CLIENT, minimum=1,
+                                            maximum=100_000),
     )
     admin = token_hash(_read_token(options, "admin_token_file")) if "admin_token_file" in options else None
     declared = _apps(options, context)
@@ -115,6 +128,9 @@ def make_gateway(options: Options, context: Context) -> Gateway:
         limits=limits,
         declared=declared,
         admin_token_hash=admin,
+        # Welcome messages for other gateways go through the durable outbound queue (docs/queue.md)
+        queue=lambda: context.queue,
+        welcome_wait=context.config.limits.request_timeout,
     )
 
 

@@ -217,10 +217,6 @@ class LinkKeys:
         return Opener(self.receive_key, self.receive_link_id)
 
 
-def _nonce(sequence: int) -> bytes:
-    return _NONCE_PAD + sequence.to_bytes(8, "big")
-
-
 class Sealer:
     """
     Seals plaintexts for one direction of a link, numbering them in order.
@@ -257,8 +253,9 @@ class Sealer:
         if sequence > MAX_SEQUENCE:
             raise SequenceExhausted("every datagram sequence number of this link is used; reconnect to re-key")
         self._next = sequence + 1
-        header = self._prefix + sequence.to_bytes(8, "big")
-        return header + self._aead.encrypt(_nonce(sequence), bytes(plaintext), header)
+        counter = sequence.to_bytes(8, "big")
+        header = self._prefix + counter
+        return header + self._aead.encrypt(_NONCE_PAD + counter, bytes(plaintext), header)
 
 
 class ReplayWindow:
@@ -353,17 +350,19 @@ class Opener:
         datagram = bytes(datagram)
         if datagram[1 : 1 + LINK_ID_SIZE] != self._link_id:
             raise DatagramError(f"link id {datagram[1 : 1 + LINK_ID_SIZE].hex()} is not this link's")
-        sequence = int.from_bytes(datagram[1 + LINK_ID_SIZE : DATAGRAM_HEADER_SIZE], "big")
+        counter = datagram[1 + LINK_ID_SIZE : DATAGRAM_HEADER_SIZE]
+        sequence = int.from_bytes(counter, "big")
         header = datagram[:DATAGRAM_HEADER_SIZE]
         try:
-            plaintext = self._aead.decrypt(_nonce(sequence), datagram[DATAGRAM_HEADER_SIZE:], header)
+            plaintext = self._aead.decrypt(_NONCE_PAD + counter, datagram[DATAGRAM_HEADER_SIZE:], header)
         except InvalidTag:
             raise DatagramError(f"authentication failed (sequence {sequence})") from None
         # judged after the tag: only an authentic copy counts as a replay, so forgeries cannot raise that count
-        problem = self._window.check(sequence)
+        window = self._window
+        problem = window.check(sequence)
         if problem is not None:
             raise ReplayedDatagram(problem)
-        self._window.update(sequence)
+        window.update(sequence)
         return plaintext
 
 

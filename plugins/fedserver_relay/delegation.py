@@ -18,12 +18,18 @@ The receiving backend's authorizer C{delegated-trust} accepts a call:
 
 - without those headers, when the peer's certificate fingerprint is in its
   C{trusted} list;
-- with them, when the peer is in C{trusted} and either the origin is itself
-  in C{trusted}, or the peer is trusted with C{delegate = true}; and never
-  with more hops than C{max_federation_hops}.
+- with any of them, only when the peer is trusted with C{delegate = true}
+  (the headers are the peer's unauthenticated claim: a peer that is no
+  delegate could otherwise name any trusted relay as the origin), the
+  origin is a certificate fingerprint, the origin domain is a domain name
+  or absent, and the hops do not exceed C{max_federation_hops}.
 
 Otherwise the call is refused with C{403 federation-denied}, saying which
 rule failed.
+
+The hub believes the relay headers of a call it relays again only from a
+caller its own C{delegated-trust} authorizer lists with C{delegate = true};
+C{components = [...]} limits the components it relays to (default: all).
 
     [[authorizers]]
     plugin = "delegated-trust"
@@ -35,11 +41,13 @@ rule failed.
 
     [components.relay]
     plugin = "relay-forward"          # on the hub
+    components = ["brig", "galley"]   # optional: the components it relays to (default: all)
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import re
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -63,8 +71,32 @@ TO_COMPONENT = "Fedserver-Relay-Component"
 RELAY_HEADERS = (ORIGIN, ORIGIN_DOMAIN, HOPS, TO, TO_COMPONENT)
 
 
-def _denied(message: str, peer: Peer) -> FederationDenied:
+def _denied(message: str, peer: Optional[Peer]) -> FederationDenied:
+    if peer is None:
+        return FederationDenied(message)
     return FederationDenied(message, data={"type": "federation", "domain": peer.claimed_domain})
+
+
+def check_relay_headers(raw_origin: str, raw_hops: Optional[str], raw_domain: Optional[str], max_hops: int,
+                        peer: Optional[Peer]) -> Tuple[str, int]:
+    """
+    The origin fingerprint and hop count of a relayed call's headers, or
+    L{FederationDenied} saying what is wrong with them.
+    """
+    try:
+        origin = parse_fingerprint(raw_origin)
+    except ValueError:
+        raise _denied(f"{ORIGIN} is not a certificate fingerprint: {raw_origin[:80]!r}", peer) from None
+    hops = raw_hops.strip() if raw_hops is not None else ""
+    if not (hops.isascii() and hops.isdigit()) or not 1 <= int(hops) <= MAX_TTL:
+        raise _denied(f"{HOPS} must be a number of hubs from 1 to {MAX_TTL}, not {hops[:20]!r}", peer)
+    if int(hops) > max_hops:
+        raise _denied(
+            f"the call crossed {hops} hubs; this backend accepts at most {max_hops} (max_federation_hops)", peer,
+        )
+    if raw_domain is not None and not is_domain_name(raw_domain):
+        raise _denied(f"{ORIGIN_DOMAIN} must be a domain name, not {raw_domain[:80]!r}", peer)
+    return origin, int(hops)
 
 
 @implementer(IAuthorizer)
@@ -91,29 +123,20 @@ class DelegatedTrust:
             )
         raw_origin = call.header(ORIGIN)
         raw_hops = call.header(HOPS)
-        if raw_origin is None:
-            if raw_hops is not None:
-                raise _denied(f"{HOPS} came without {ORIGIN}", peer)
+        raw_domain = call.header(ORIGIN_DOMAIN)
+        present = [name for name, value in ((ORIGIN, raw_origin), (HOPS, raw_hops), (ORIGIN_DOMAIN, raw_domain))
+                   if value is not None]
+        if not present:
             return
-        try:
-            origin = parse_fingerprint(raw_origin)
-        except ValueError:
-            raise _denied(f"{ORIGIN} is not a certificate fingerprint: {raw_origin[:80]!r}", peer) from None
-        hops = raw_hops.strip() if raw_hops is not None else ""
-        if not (hops.isascii() and hops.isdigit()) or not 1 <= int(hops) <= MAX_TTL:
-            raise _denied(f"{HOPS} must be a number of hubs from 1 to {MAX_TTL}, not {hops[:20]!r}", peer)
-        if int(hops) > self.max_hops:
-            raise _denied(
-                f"the call crossed {hops} hubs; this backend accepts at most {self.max_hops} "
-                "(max_federation_hops)", peer,
-            )
-        if origin in self.trusted:
-            return
+        # the relay headers are the peer's claim, which nothing authenticates: only a delegate may make it
         if not self.trusted[sender][1]:
             raise _denied(
-                f"{self.label(sender)} relayed a call from {origin[:16]}, which this backend does not trust, "
-                "and is not trusted with delegate = true", peer,
+                f"{self.label(sender)} sent relay headers ({', '.join(present)}) but is not trusted with "
+                "delegate = true: only a delegate may relay calls", peer,
             )
+        if raw_origin is None:
+            raise _denied(f"{present[0]} came without {ORIGIN}", peer)
+        check_relay_headers(raw_origin, raw_hops, raw_domain, self.max_hops, peer)
 
     def authorize_inbound(self, peer: Peer, call: FederatedCall) -> Deferred[None]:
         try:
@@ -145,16 +168,32 @@ def make_delegated_trust(options: Options, context: object) -> DelegatedTrust:
     return DelegatedTrust(trusted, max_hops)
 
 
+#: what a component name looks like (as in C{[components.NAME]})
+_COMPONENT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 @implementer(IComponentHandler)
 class RelayForward:
-    """The hub's component: sends a call on to the backend it names, with its origin and hop count."""
+    """
+    The hub's component: sends a call on to the backend it names, with its origin and hop count.
 
-    def __init__(self, context: Context, max_hops: int) -> None:
+    @param components: the components it relays to; C{None}: any.
+    """
+
+    def __init__(self, context: Context, max_hops: int, components: Optional[FrozenSet[str]] = None) -> None:
         self._context = context
         self.max_hops = max_hops
+        self.components = components
 
     def handle(self, call: FederatedCall) -> Deferred[Response]:
         return Deferred.fromCoroutine(self._handle(call))
+
+    def _delegates(self, fingerprint: Optional[str]) -> bool:
+        """Whether one of this hub's delegated-trust authorizers lists C{fingerprint} with delegate = true."""
+        return fingerprint is not None and any(
+            isinstance(a, DelegatedTrust) and a.trusted.get(fingerprint, ("", False))[1]
+            for a in self._context.authorizers
+        )
 
     async def _handle(self, call: FederatedCall) -> Response:
         target = call.header(TO)
@@ -164,28 +203,44 @@ class RelayForward:
                 f"a relayed call names its destination with {TO} and {TO_COMPONENT}", "invalid-endpoint"
             )
         target = target.strip().lower()
+        component = component.strip()
         if not is_domain_name(target):
             raise FederationError(f"{TO}: {target[:80]!r} is not a backend domain", "invalid-domain")
         if target == self._context.backend_domain:
             raise FederationError(f"{TO} names this hub itself ({target})", "invalid-domain")
-        origin = call.header(ORIGIN)
-        if origin is None:
+        if self.components is not None and component not in self.components:
+            raise FederationDenied(
+                f"this hub does not relay to the component {component[:80]!r} ({TO_COMPONENT}); it relays to: "
+                f"{', '.join(sorted(self.components))}"
+            )
+        present = [name for name in (ORIGIN, HOPS, ORIGIN_DOMAIN) if call.header(name) is not None]
+        origin_domain: Optional[str]
+        if not present:
             if call.peer is None or call.peer.fingerprint is None:
                 raise FederationError("the caller presented no certificate to relay for", "no-client-certificate")
             origin, origin_domain, hops = call.peer.fingerprint, call.origin_domain, 1
         else:
-            # an origin a caller asserts is believed only where this hub's delegated-trust authorizer judged it
-            if not any(isinstance(a, DelegatedTrust) for a in self._context.authorizers):
+            # the relay headers a caller sends are its claim: believed only from a caller this hub's own
+            # delegated-trust authorizer lists with delegate = true (which also judged them on the way in)
+            caller = call.peer.fingerprint if call.peer is not None else None
+            if not self._delegates(caller):
                 raise FederationDenied(
-                    f"{call.origin_domain} sent a call that was already relayed ({ORIGIN}); this hub relays such "
-                    "calls only with the delegated-trust authorizer, which judges their origin"
+                    f"{call.origin_domain} sent a call that was already relayed ({', '.join(present)}); this hub "
+                    "relays such calls only from a caller its delegated-trust authorizer lists with "
+                    "delegate = true"
                 )
-            origin_domain = call.header(ORIGIN_DOMAIN) or ""
-            hops = int(call.header(HOPS) or "0") + 1  # the delegated-trust authorizer checked it on the way in
+            raw_origin = call.header(ORIGIN)
+            if raw_origin is None:
+                raise FederationDenied(f"{present[0]} came without {ORIGIN}")
+            origin_domain = call.header(ORIGIN_DOMAIN)
+            origin, arrived = check_relay_headers(raw_origin, call.header(HOPS), origin_domain, MAX_TTL, None)
+            hops = arrived + 1
         if hops > self.max_hops:
             raise FederationDenied(f"relaying would make {hops} hubs; at most {self.max_hops} are allowed")
         headers = [(n, v) for n, v in call.headers if n.lower() not in {h.lower() for h in RELAY_HEADERS}]
-        headers += [(ORIGIN, origin), (ORIGIN_DOMAIN, origin_domain), (HOPS, str(hops))]
+        headers += [(ORIGIN, origin), (HOPS, str(hops))]
+        if origin_domain:
+            headers.append((ORIGIN_DOMAIN, origin_domain))
         onward = FederatedCall(
             origin_domain=self._context.backend_domain, target_domain=target, component=component, rpc=call.rpc,
             method=call.method, headers=headers, body=call.body, request_id=call.request_id,
@@ -199,7 +254,19 @@ class RelayForward:
 
 def make_relay_forward(options: Options, context: Context) -> RelayForward:
     """Factory of C{relay-forward}."""
-    return RelayForward(context, options.get_int("max_federation_hops", 2, minimum=1, maximum=MAX_TTL))
+    max_hops = options.get_int("max_federation_hops", 2, minimum=1, maximum=MAX_TTL)
+    names = options.get_str_list("components", None)
+    components = None
+    if names is not None:
+        if not names:
+            raise options.error("components", "lists no component: every call would be refused (leave it out "
+                                              "to relay to any component)")
+        for name in names:
+            if not _COMPONENT_NAME.fullmatch(name):
+                raise options.error("components", f"{name[:80]!r} is not a component name (ASCII letters, digits, "
+                                                  "'_' and '-')")
+        components = frozenset(names)
+    return RelayForward(context, max_hops, components)
 
 
 @hookimpl

@@ -46,14 +46,21 @@ TTL 1 or 0, a frame is delivered locally and goes no further.
 
 Loops.  TTL bounds a chain's length but not the copies a mesh with cycles
 makes; every relay also drops a frame whose (origin, packet id) it has
-already seen, with a L{DuplicateFilter}.  The origin must therefore never
-repeat a packet id; a 64-bit counter starting at a random value does.
+already seen, with a L{DuplicateFilter}.  The origin must therefore not
+repeat a packet id within the filter's window, and since origins are not
+authenticated (a linked relay can send frames naming another origin), ids
+must not be predictable either, or forged frames sent ahead would make the
+genuine ones drop as duplicates: the relay draws each one at random (64
+bits from C{os.urandom}), and marks a frame as seen only once it was
+accepted.  A receiver treats TTL 0 as spent: a frame never arrives with it
+from a relay that follows these rules.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import struct
 from typing import Any, Callable, Optional, Protocol
 
 import attrs
@@ -75,10 +82,13 @@ __all__ = [
     "DuplicateFilter",
     "Frame",
     "FrameError",
+    "check_payload",
+    "check_ttl",
     "decode_frame",
     "encode_frame",
     "next_hop",
     "room_hash",
+    "unchecked_frame",
     "with_ttl",
 ]
 
@@ -110,6 +120,9 @@ _OFFSET_ORIGIN = _OFFSET_ROOM + ROOM_HASH_SIZE
 _OFFSET_TTL = _OFFSET_ORIGIN + SHORT_ID_SIZE
 _OFFSET_PACKET_ID = _OFFSET_TTL + 1
 _OFFSET_LENGTH = _OFFSET_PACKET_ID + 8
+#: the header as one struct: version, room hash, origin, ttl, packet id, payload length
+_HEADER = struct.Struct(f">B{ROOM_HASH_SIZE}s{SHORT_ID_SIZE}sBQH")
+assert _HEADER.size == FRAME_HEADER_SIZE
 
 
 class FrameError(ValueError):
@@ -151,11 +164,34 @@ def _int_in(low: int, high: int) -> _Validator:
     return check
 
 
-def _payload(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+def check_payload(value: object) -> None:
+    """
+    Refuse what is not a frame payload: bytes, 1 to L{MAX_PAYLOAD} of them.
+
+    @raise TypeError: when C{value} is not bytes.
+    @raise ValueError: for a size out of bounds.
+    """
     if not isinstance(value, bytes):
         raise TypeError(f"payload must be bytes, not {type(value).__name__}")
     if not 1 <= len(value) <= MAX_PAYLOAD:
         raise ValueError(f"payload must be 1 to {MAX_PAYLOAD} bytes, not {len(value)}")
+
+
+def _payload(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    check_payload(value)
+
+
+def check_ttl(value: object) -> None:
+    """
+    Refuse what is not a TTL: an integer from 0 to L{MAX_TTL}.
+
+    @raise TypeError: when C{value} is not an integer.
+    @raise ValueError: for one out of bounds.
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"ttl must be an integer, not {type(value).__name__}")
+    if not 0 <= value <= MAX_TTL:
+        raise ValueError(f"ttl must be between 0 and {MAX_TTL}, not {value}")
 
 
 def _payload_repr(payload: bytes) -> str:
@@ -182,6 +218,31 @@ class Frame:
     payload: bytes = attrs.field(validator=_payload, repr=_payload_repr)
 
 
+_new = object.__new__
+# the slots' own setters: what a frozen class's __init__ uses, bypassing its __setattr__ as object.__setattr__ does
+_set_room_hash, _set_origin, _set_ttl, _set_packet_id, _set_payload = (
+    Frame.__dict__[name].__set__ for name in ("room_hash", "origin", "ttl", "packet_id", "payload")
+)
+
+
+def unchecked_frame(room_hash: bytes, origin: bytes, ttl: int, packet_id: int, payload: bytes,
+                    cls: type[Frame] = Frame) -> Frame:
+    """
+    A L{Frame} of fields the caller knows to be valid, made without the checks
+    of C{Frame(...)}: the relay's per-frame path makes frames from fields that
+    were checked already (a decoded frame's, a TTL one less, its own origin).
+    Anything else must call C{Frame(...)}.
+    """
+    # what the __init__ attrs generates for a frozen class does, less the validators
+    frame = _new(cls)
+    _set_room_hash(frame, room_hash)
+    _set_origin(frame, origin)
+    _set_ttl(frame, ttl)
+    _set_packet_id(frame, packet_id)
+    _set_payload(frame, payload)
+    return frame
+
+
 def room_hash(name: str) -> bytes:
     """
     The 8-byte hash frames carry for the room C{name}: the first 8 bytes of
@@ -203,17 +264,9 @@ def room_hash(name: str) -> bytes:
 
 def encode_frame(frame: Frame) -> bytes:
     """The version 1 encoding of C{frame}."""
-    return b"".join(
-        (
-            bytes((FRAME_VERSION,)),
-            frame.room_hash,
-            frame.origin,
-            bytes((frame.ttl,)),
-            frame.packet_id.to_bytes(8, "big"),
-            len(frame.payload).to_bytes(2, "big"),
-            frame.payload,
-        )
-    )
+    payload = frame.payload
+    return _HEADER.pack(FRAME_VERSION, frame.room_hash, frame.origin, frame.ttl, frame.packet_id,
+                        len(payload)) + payload
 
 
 def decode_frame(data: bytes) -> Frame:
@@ -230,6 +283,12 @@ def decode_frame(data: bytes) -> Frame:
     if not isinstance(data, bytes):
         raise TypeError(f"a frame must be bytes, not {type(data).__name__}")
     size = len(data)
+    # every well-formed frame: the header, then as many bytes as its length says (1 to MAX_PAYLOAD)
+    if FRAME_HEADER_SIZE < size <= MAX_FRAME_SIZE and data[0] == FRAME_VERSION:
+        _, room, origin, ttl, packet_id, length = _HEADER.unpack_from(data)
+        if length == size - FRAME_HEADER_SIZE:
+            return unchecked_frame(room, origin, ttl, packet_id, data[FRAME_HEADER_SIZE:])
+    # anything else is refused below, each problem in its own words
     if size > MAX_FRAME_SIZE:
         raise FrameError(0, "frame", f"{size} bytes, over the limit of {MAX_FRAME_SIZE}")
     if size == 0:
@@ -264,7 +323,8 @@ def decode_frame(data: bytes) -> Frame:
 
 def with_ttl(frame: Frame, ttl: int) -> Frame:
     """C{frame} with its TTL replaced by C{ttl} (0 to 255)."""
-    return attrs.evolve(frame, ttl=ttl)
+    check_ttl(ttl)  # the other fields are a frame's, so valid
+    return unchecked_frame(frame.room_hash, frame.origin, ttl, frame.packet_id, frame.payload, frame.__class__)
 
 
 def next_hop(frame: Frame) -> Optional[Frame]:
@@ -272,9 +332,10 @@ def next_hop(frame: Frame) -> Optional[Frame]:
     What to forward of a received C{frame}: the frame with its TTL one less,
     or L{None} when it arrived with TTL 1 or 0 and must go no further.
     """
-    if frame.ttl <= 1:
+    ttl = frame.ttl
+    if ttl <= 1:
         return None
-    return with_ttl(frame, frame.ttl - 1)
+    return unchecked_frame(frame.room_hash, frame.origin, ttl - 1, frame.packet_id, frame.payload, frame.__class__)
 
 
 class Clock(Protocol):
@@ -309,33 +370,49 @@ class DuplicateFilter:
         # (origin, packet id) -> first-seen time, oldest first
         self._seen: collections.OrderedDict[tuple[bytes, int], float] = collections.OrderedDict()
         self._latest = float("-inf")
+        # at most the first-seen time of the oldest entry (infinity when there is none): nothing expires
+        # before; only when it may does seen_before look at the entries
+        self._oldest = float("inf")
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def seen_before(self, origin: bytes, packet_id: int) -> bool:
+    def seen_before(self, origin: bytes, packet_id: int, *, remember: bool = True) -> bool:
         """
         Whether (C{origin}, C{packet_id}) was seen within the window.  When it
-        was not, it is remembered from now on, and the answer is C{False}.
+        was not, it is remembered from now on (unless C{remember} is false:
+        the caller remembers it later, once the frame was accepted), and the
+        answer is C{False}.
         """
         # A clock stepping backwards must not unsort the entries.
-        now = max(self._clock.seconds(), self._latest)
-        self._latest = now
+        now = self._clock.seconds()
+        if now < self._latest:
+            now = self._latest
+        else:
+            self._latest = now
         seen = self._seen
         horizon = now - self._window
-        while seen:
-            key, first = next(iter(seen.items()))
-            if first > horizon:
-                break
-            del seen[key]
+        if self._oldest <= horizon:
+            while seen:
+                key, first = next(iter(seen.items()))
+                if first > horizon:
+                    self._oldest = first
+                    break
+                del seen[key]
+            else:
+                self._oldest = float("inf")
         key = (origin, packet_id)
         if key in seen:
             return True
+        if not remember:
+            return False
         seen[key] = now
         if len(seen) > self._max_entries:
-            seen.popitem(last=False)
+            _, self._oldest = seen.popitem(last=False)  # the new oldest was first seen then or later
+        elif len(seen) == 1:
+            self._oldest = now
         return False
 
-    def seen_frame(self, frame: Frame) -> bool:
+    def seen_frame(self, frame: Frame, *, remember: bool = True) -> bool:
         """L{seen_before} for C{frame}'s origin and packet id."""
-        return self.seen_before(frame.origin, frame.packet_id)
+        return self.seen_before(frame.origin, frame.packet_id, remember=remember)

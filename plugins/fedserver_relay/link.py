@@ -17,12 +17,27 @@ C{Hello} names a port) is sent a sealed probe; frames go on the TLS stream
 after.  Links send C{Ping} every L{PING_EVERY} seconds and close after
 L{IDLE_TIMEOUT} seconds of silence; dialled links reconnect with
 exponential backoff.
+
+Backpressure.  A link is a push producer for the TCP connection under its
+TLS (registered there rather than on the TLS transport, which would hold
+back its close until the producer is unregistered, whoever closes it).
+While that connection's write buffer is full, media for the link is not
+written to the stream but dropped and counted as C{congested}; control
+messages still are, but a link that stays backed up for
+L{CONGESTED_TIMEOUT} seconds, or has more than
+L{MAX_CONGESTED_CONTROL_BYTES} bytes of control messages written while
+backed up (Pongs to a peer that sends Ping but never reads, say), is closed.
+
+Datagrams are taken for a link only once it joined the mesh, and no longer
+once it is closed or replaced.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
+import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -32,6 +47,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
+    IPushProducer,
 )
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -55,6 +71,7 @@ from fedserver_relay.control import (
     encode_control,
 )
 from fedserver_relay.datagram import (
+    PROBE_TAG,
     DatagramError,
     LinkKeys,
     Opener,
@@ -63,7 +80,6 @@ from fedserver_relay.datagram import (
     SequenceExhausted,
     decode_probe,
     encode_probe,
-    is_probe,
     peek_link_id,
 )
 from fedserver_relay.frames import Frame, FrameError, decode_frame, encode_frame
@@ -80,6 +96,14 @@ HELLO_TIMEOUT = 10.0
 #: probes sent before a side settles for the TLS stream
 PROBES = 5
 PROBE_EVERY = 1.0
+#: a link whose TLS stream stays backed up this long is closed
+CONGESTED_TIMEOUT = IDLE_TIMEOUT
+#: a link with more bytes of control messages written while its TLS stream is backed up is closed
+MAX_CONGESTED_CONTROL_BYTES = 256 * 1024
+#: handshake refusals are counted by fingerprint for at most this many (the least recently refused is forgotten)
+MAX_REFUSED_FINGERPRINTS = 1000
+#: a refused handshake is logged at most once per this many seconds, with the counts
+REFUSAL_LOG_EVERY = 10.0
 
 
 def certificate_fingerprint(certificate: Any) -> str:
@@ -96,13 +120,35 @@ class RelayTLS:
     alone.
 
     @param allowed: whether a fingerprint may hold a link with us.
+    @param clock: C{IReactorTime}, for spacing the warnings (by default the monotonic clock).
     """
 
-    def __init__(self, material: TLSMaterial, allowed: Callable[[str], bool], label: Callable[[str], str]) -> None:
+    def __init__(self, material: TLSMaterial, allowed: Callable[[str], bool], label: Callable[[str], str],
+                 *, clock: Any = None) -> None:
         self._material = material
         self._allowed = allowed
         self._label = label
-        self._refusals: Dict[str, int] = {}
+        self._clock = clock
+        # refusals by fingerprint, the least recently refused first: bounded, whoever keeps trying
+        self._refusals: collections.OrderedDict[str, int] = collections.OrderedDict()
+        #: every handshake refused
+        self.refused_total = 0
+        self._last_logged = float("-inf")
+
+    def _refused(self, fingerprint: str) -> None:
+        """Count a refused handshake, and log it now and then (never once per attempt or per fingerprint)."""
+        self.refused_total += 1
+        count = self._refusals.pop(fingerprint, 0) + 1
+        self._refusals[fingerprint] = count
+        if len(self._refusals) > MAX_REFUSED_FINGERPRINTS:
+            self._refusals.popitem(last=False)
+        now = float(self._clock.seconds()) if self._clock is not None else time.monotonic()
+        if now - self._last_logged >= REFUSAL_LOG_EVERY:
+            self._last_logged = now
+            log.warn("refused a relay link during the TLS handshake: certificate fingerprint {fp} is not "
+                     "in [[relay.peers]] or [[relay.trusted]] ({count} refusals of it, {total} in all; logged "
+                     "at most every {every:g} s)", fp=fingerprint, count=count, total=self.refused_total,
+                     every=REFUSAL_LOG_EVERY)
 
     def _context(self, method: int, check: Callable[[str], bool]) -> SSL.Context:
         ctx = SSL.Context(method)
@@ -120,10 +166,7 @@ class RelayTLS:
             fingerprint = certificate_fingerprint(certificate)
             if check(fingerprint):
                 return True
-            count = self._refusals[fingerprint] = self._refusals.get(fingerprint, 0) + 1
-            if count == 1 or count % 100 == 0:
-                log.warn("refused a relay link during the TLS handshake: certificate fingerprint {fp} is not "
-                         "in [[relay.peers]] or [[relay.trusted]] ({count} refusals)", fp=fingerprint, count=count)
+            self._refused(fingerprint)
             return False
 
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
@@ -138,7 +181,11 @@ class RelayTLS:
 
     @property
     def refusals(self) -> Dict[str, int]:
-        """Handshakes refused, by the presented fingerprint."""
+        """
+        Handshakes refused, by the presented fingerprint, for the
+        L{MAX_REFUSED_FINGERPRINTS} refused most recently (C{refused_total}
+        counts them all).
+        """
         return dict(self._refusals)
 
 
@@ -182,7 +229,7 @@ class DatagramRouter(protocol.DatagramProtocol):
             link = self.links.get(peek_link_id(datagram))
         except DatagramError:
             link = None
-        if link is None or link.opener is None:
+        if link is None or link.opener is None or link._closed:
             self.unknown += 1  # not for any link: never answered, never logged per datagram
             return
         try:
@@ -193,7 +240,7 @@ class DatagramRouter(protocol.DatagramProtocol):
         except DatagramError:
             self.mesh.dropped("malformed", link.fingerprint)
             return
-        if is_probe(plaintext):
+        if plaintext[0] == PROBE_TAG:  # is_probe: an opened plaintext is never empty
             try:
                 link.send_control(UdpAck(decode_probe(plaintext)))
             except DatagramError:
@@ -207,7 +254,7 @@ class DatagramRouter(protocol.DatagramProtocol):
         self.mesh.frame_from_link(link, frame)
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class RelayLink(protocol.Protocol, TimeoutMixin):
     """
     One relay link over TLS.  C{fingerprint} is known once the handshake is
@@ -232,6 +279,12 @@ class RelayLink(protocol.Protocol, TimeoutMixin):
         self._decoder = ControlDecoder()
         self._joined = False
         self._closed = False
+        # backpressure: the TCP transport we are the producer of, and while it is backed up, since when and the
+        # control bytes written since
+        self._consumer: Any = None
+        self._paused_at: Optional[float] = None
+        self._congested_bytes = 0
+        self._congestion_call: Any = None
 
     @property
     def mesh(self) -> RelayMesh:
@@ -247,6 +300,11 @@ class RelayLink(protocol.Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.setTimeout(HELLO_TIMEOUT)
+        # told by the connection under TLS when its write buffer is full (see the module docstring)
+        consumer = getattr(self.transport, "transport", None)
+        if consumer is not None and getattr(consumer, "producer", None) is None:
+            consumer.registerProducer(self, True)
+            self._consumer = consumer
 
     def handshakeCompleted(self) -> None:
         certificate = self._t.getPeerCertificate()
@@ -262,11 +320,13 @@ class RelayLink(protocol.Protocol, TimeoutMixin):
         else:
             self.sealer = self.keys.sealer()
             self.opener = self.keys.opener()
-            self.owner.router.links[self.keys.receive_link_id] = self
+            # (the router learns of the link once it joined the mesh)
         udp_port = self.owner.udp_port
         self.send_control(Hello(PROTOCOL_VERSIONS, self.owner.label, udp_port, self.mesh.max_hops))
 
     def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return  # closed, or replaced: what still arrives counts for nothing, not even as a sign of life
         self.resetTimeout()
         try:
             messages = self._decoder.feed(data)
@@ -294,10 +354,12 @@ class RelayLink(protocol.Protocol, TimeoutMixin):
             self.mesh.frame_from_link(self, message.frame)
         elif isinstance(message, TrustChain):
             self.mesh.trust_chain(self, message)
-        elif isinstance(message, Subscribe):
-            self.mesh.subscribe(self, message.room_hashes, True)
-        elif isinstance(message, Unsubscribe):
-            self.mesh.subscribe(self, message.room_hashes, False)
+        elif isinstance(message, (Subscribe, Unsubscribe)):
+            problem = self.mesh.subscribe(self, message.room_hashes, isinstance(message, Subscribe))
+            if problem is not None:
+                log.warn("relay link with {label} ({fp}): closing: {reason}", label=self.mesh.label(self.fingerprint),
+                         fp=self.fingerprint, reason=problem)
+                self._abort()
         elif isinstance(message, UdpAck):
             if message.nonce == self._probe_nonce and not self.udp_confirmed:
                 self.udp_confirmed = True
@@ -318,10 +380,11 @@ class RelayLink(protocol.Protocol, TimeoutMixin):
         self.hello = hello
         self.setTimeout(IDLE_TIMEOUT)
         if not self.owner.admit(self):
-            self._closed = True  # the other link to that relay stays: nothing more on this one counts
-            self._t.loseConnection()
+            self._lose()  # the other link to that relay stays: nothing more on this one counts
             return
         self._joined = True
+        if self.keys is not None:
+            self.owner.router.links[self.keys.receive_link_id] = self
         self.mesh.link_up(self)
         self._pinger = LoopingCall(lambda: self.send_control(Ping(os.urandom(8))))
         self._pinger.clock = self.clock
@@ -353,21 +416,85 @@ class RelayLink(protocol.Protocol, TimeoutMixin):
         try:
             datagram = self.sealer.seal(plaintext)
         except SequenceExhausted:
-            self._t.loseConnection()  # new keys come with a new handshake
+            self._lose()  # new keys come with a new handshake
             return False
         self.owner.router.send(datagram, self.udp_address)
         return True
 
     # LinkHandle
 
-    def send_frame(self, frame: Frame) -> None:
-        if self.udp_confirmed and self._send_datagram(encode_frame(frame)):
-            return
+    def send_frame(self, frame: Frame) -> bool:
+        if self.udp_confirmed and self.sealer is not None and self.udp_address is not None:
+            # _send_datagram, spelled out: this runs for every frame
+            try:
+                datagram = self.sealer.seal(encode_frame(frame))
+            except SequenceExhausted:
+                self._lose()  # new keys come with a new handshake
+            else:
+                self.owner.router.send(datagram, self.udp_address)
+                return True
+        if self._paused_at is not None:
+            return False  # the stream is backed up: media waits for nobody (the mesh counts it as congested)
         self.send_control(Media(frame))
+        return True
 
     def send_control(self, message: ControlMessage) -> None:
-        if not self._closed:
-            self._t.write(encode_control(message))
+        if self._closed:
+            return
+        data = encode_control(message)
+        if self._paused_at is not None:
+            self._congested_bytes += len(data)
+            if self._congested_bytes > MAX_CONGESTED_CONTROL_BYTES:
+                log.warn("relay link with {label} ({fp}): closing: its TLS stream is backed up, and {count} bytes of "
+                         "control messages were written since (at most {limit})",
+                         label=self.mesh.label(self.fingerprint), fp=self.fingerprint, count=self._congested_bytes,
+                         limit=MAX_CONGESTED_CONTROL_BYTES)
+                self._abort()
+                return
+        self._t.write(data)
+
+    # IPushProducer: the connection under TLS says when its write buffer is full, and when it drained
+
+    def pauseProducing(self) -> None:
+        if self._paused_at is not None or self._closed:
+            return
+        self._paused_at = float(self.clock.seconds())
+        self._congested_bytes = 0
+        self._congestion_call = self.clock.callLater(CONGESTED_TIMEOUT, self._congested_too_long)
+
+    def resumeProducing(self) -> None:
+        self._not_congested()
+        consumer = self._consumer
+        if consumer is not None and getattr(consumer, "disconnecting", False):
+            # closing, and it waited for us rather than close: we have nothing more to write
+            self._unregister()
+
+    def stopProducing(self) -> None:
+        self._not_congested()
+        self._consumer = None  # the connection is going
+
+    def _not_congested(self) -> None:
+        self._paused_at = None
+        if self._congestion_call is not None and self._congestion_call.active():
+            self._congestion_call.cancel()
+        self._congestion_call = None
+
+    def _congested_too_long(self) -> None:
+        self._congestion_call = None
+        log.warn("relay link with {label} ({fp}): closing: its TLS stream stayed backed up for {seconds:g} s",
+                 label=self.mesh.label(self.fingerprint) if self.fingerprint else "(no handshake yet)",
+                 fp=self.fingerprint, seconds=CONGESTED_TIMEOUT)
+        self._abort()
+
+    def _unregister(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None and getattr(consumer, "producer", None) is self:
+            consumer.unregisterProducer()
+
+    def _leave_router(self) -> None:
+        """Datagrams for this link are no longer taken."""
+        if self.keys is not None and self.owner.router.links.get(self.keys.receive_link_id) is self:
+            del self.owner.router.links[self.keys.receive_link_id]
 
     def timeoutConnection(self) -> None:
         log.info("relay link with {fp}: silent for too long; closing", fp=self.fingerprint or "(no handshake yet)")
@@ -380,16 +507,28 @@ class RelayLink(protocol.Protocol, TimeoutMixin):
         must not be acted on: from now on nothing is read or sent.
         """
         self._closed = True
+        self._leave_router()
         self._t.abortConnection()
+
+    def _lose(self) -> None:
+        """
+        Close once what was written is sent; as with L{_abort}, nothing more
+        on this link is read or sent.
+        """
+        self._closed = True
+        self._leave_router()
+        self._unregister()
+        self._t.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         self._closed = True
         self.setTimeout(None)
+        self._not_congested()
+        self._consumer = None
         self._stop_probing()
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
-        if self.keys is not None and self.owner.router.links.get(self.keys.receive_link_id) is self:
-            del self.owner.router.links[self.keys.receive_link_id]
+        self._leave_router()
         if self._joined:
             self.mesh.link_down(self)
         self.owner.forget(self)
@@ -435,8 +574,7 @@ class RelayLinks:
         else:
             replaces = (ours < theirs) == link.is_client  # the link dialled by the smaller fingerprint stays
         if replaces:
-            existing._closed = True  # what still arrives on it must not touch the new link's state
-            existing._t.loseConnection()
+            existing._lose()  # what still arrives on it must not touch the new link's state, nor its datagrams
             self.mesh.link_down(existing)
             return True
         return False

@@ -16,9 +16,18 @@ Datagrams, version 1 (byte 0), then a type (byte 1):
 
 A participant is its UDP address.  It is in one room at a time; it is
 forgotten after L{IDLE_AFTER} seconds without a datagram.  A JOIN with an
-unknown room or a wrong token is answered with ERROR and nothing else
-changes.  Media from a participant enters the federation with this relay as
-its origin (L{fedserver_relay.mesh.RelayMesh.frame_from_participant}).
+unknown room or a wrong token changes nothing.  Media from a participant
+enters the federation with this relay as its origin
+(L{fedserver_relay.mesh.RelayMesh.frame_from_participant}).
+
+UDP source addresses are not authenticated, so the relay never answers an
+address that has not joined: a refused JOIN, or anything else from such an
+address, is dropped without a reply (a forged source would otherwise make
+the relay send its ERROR to someone else).  A client learns that its JOIN
+failed from the absence of JOINED: it sends JOIN again now and then (say
+every half second) and gives up after a few seconds.  A joined participant
+is told what is wrong with ERROR.  Refusals are counted (C{refused}) and
+logged at most once every L{LOG_EVERY} seconds, with the count.
 """
 
 from __future__ import annotations
@@ -39,10 +48,13 @@ log = Logger(namespace="fedserver_relay.participants")
 VERSION = 1
 JOIN, MEDIA, LEAVE, KEEPALIVE = 0x01, 0x02, 0x03, 0x04
 JOINED, MEDIA_OUT, ERROR = 0x81, 0x82, 0x83
+_MEDIA_OUT = bytes((VERSION, MEDIA_OUT))
 #: a participant silent this long is forgotten
 IDLE_AFTER = 60.0
 #: at most this many participants at once
 MAX_PARTICIPANTS = 10_000
+#: refused datagrams are logged at most once per this many seconds
+LOG_EVERY = 10.0
 
 Address = Tuple[str, int]
 
@@ -78,7 +90,9 @@ class ParticipantPort(protocol.DatagramProtocol):
         self._by_address: Dict[Address, Participant] = {}
         self._by_room: Dict[bytes, Set[Address]] = {}
         self._sweeper: Optional[LoopingCall] = None
+        #: datagrams refused (answered with ERROR only when from a participant)
         self.refused = 0
+        self._last_logged = float("-inf")
 
     def startProtocol(self) -> None:
         self._sweeper = LoopingCall(self._sweep)
@@ -93,13 +107,25 @@ class ParticipantPort(protocol.DatagramProtocol):
         if self.transport is not None:
             self.transport.write(data, address)
 
-    def _error(self, address: Address, reason: str) -> None:
+    def _error(self, address: Address, reason: str, *, answer: bool = True) -> None:
+        """
+        Refuse a datagram: count it, log it now and then, and say why with
+        ERROR (when C{answer}) only to an address that has joined (see the
+        module docstring).
+        """
         self.refused += 1
-        self._send(bytes((VERSION, ERROR)) + reason.encode("utf-8"), address)
+        now = float(self.clock.seconds())
+        if now - self._last_logged >= LOG_EVERY:
+            self._last_logged = now
+            log.info("refused a participant datagram from {address}: {reason} ({count} refused so far; logged "
+                     "at most every {every:g} s)", address=address, reason=reason, count=self.refused,
+                     every=LOG_EVERY)
+        if answer and address in self._by_address:
+            self._send(bytes((VERSION, ERROR)) + reason.encode("utf-8"), address)
 
     def datagramReceived(self, data: bytes, address: Address) -> None:
         if len(data) < 2 or data[0] != VERSION:
-            self.refused += 1
+            self._error(address, "not a version 1 datagram", answer=False)  # (nor is an ERROR one to them)
             return
         kind, body = data[1], data[2:]
         now = float(self.clock.seconds())
@@ -132,7 +158,6 @@ class ParticipantPort(protocol.DatagramProtocol):
             return
         room = self._rooms.get(name)
         if room is None or not hmac.compare_digest(room.token.encode("utf-8"), token.encode("utf-8")):
-            log.info("refused a participant at {address}: unknown room or wrong token", address=address)
             self._error(address, "unknown room or wrong token")
             return
         if address not in self._by_address and len(self._by_address) >= MAX_PARTICIPANTS:
@@ -177,10 +202,12 @@ class ParticipantPort(protocol.DatagramProtocol):
         members = self._by_room.get(frame.room_hash)
         if not members:
             return 0
-        datagram = bytes((VERSION, MEDIA_OUT)) + frame.origin + frame.payload
+        datagram = None  # made for the first member it goes to: often the only member is the sender
         sent = 0
         for address in members:
             if address != exclude:
+                if datagram is None:
+                    datagram = _MEDIA_OUT + frame.origin + frame.payload
                 self._send(datagram, address)
                 sent += 1
         return sent

@@ -12,8 +12,9 @@ lists (C{fedserver relay-fingerprint CERT.pem} prints it).
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
@@ -23,6 +24,7 @@ from twisted.web import resource, server
 
 from fedserver.context import Context
 from fedserver.hookspecs import hookimpl
+from fedserver.metrics import BoundedLabel
 from fedserver_relay.fingerprint import fingerprint_of_certificate
 from fedserver_relay.link import DatagramRouter, RelayLinks, RelayTLS
 from fedserver_relay.mesh import RelayMesh
@@ -108,6 +110,7 @@ class RelayService(service.MultiService):
         answer["label"] = self.settings.label
         answer["participants"] = self.participants.count if self.participants is not None else 0
         answer["refusedHandshakes"] = self.tls.refusals
+        answer["refusedHandshakesTotal"] = self.tls.refused_total
         answer["unknownDatagrams"] = self.router.unknown
         return answer
 
@@ -132,6 +135,44 @@ class StatusResource(resource.Resource):
         return json.dumps(self.relay.status()).encode("utf-8")
 
 
+def relay_metrics(relay: RelayService) -> Callable[[], List[Metric]]:
+    """
+    A collector (for C{context.metrics.register_collector}) that reads the
+    mesh's own counters, the ones C{/relay/status} shows, at each scrape.
+    """
+    peers = BoundedLabel(1000)
+
+    def collect() -> List[Metric]:
+        counters = relay.mesh.counters
+        accepted = CounterMetricFamily("fedserver_relay_frames_accepted",
+                                       "Media frames accepted from a relay link, by peer relay label",
+                                       labels=["peer"])
+        for peer, count in sorted(counters.accepted.items()):
+            accepted.add_metric([peers(peer)], count)
+        dropped = CounterMetricFamily("fedserver_relay_frames_dropped",
+                                      "Media frames dropped, by reason and peer relay label (local: our "
+                                      "own participants)", labels=["reason", "peer"])
+        for reason, by_peer in sorted(counters.dropped.items()):
+            for peer, count in sorted(by_peer.items()):
+                dropped.add_metric([reason, peers(peer)], count)
+        frames = CounterMetricFamily("fedserver_relay_frames",
+                                     "Media frames originated by local participants, delivered to local "
+                                     "participants, and forwarded to relay links", labels=["kind"])
+        for kind in ("originated", "delivered", "forwarded"):
+            frames.add_metric([kind], getattr(counters, kind))
+        links = GaugeMetricFamily("fedserver_relay_links", "Relay links up", value=len(relay.mesh.links))
+        participants = GaugeMetricFamily("fedserver_relay_participants", "Local participants",
+                                         value=relay.participants.count if relay.participants is not None else 0)
+        refused = CounterMetricFamily("fedserver_relay_handshakes_refused",
+                                      "Relay link handshakes refused (a certificate in neither peers nor trusted)",
+                                      value=relay.tls.refused_total)
+        unknown = CounterMetricFamily("fedserver_relay_datagrams_unknown",
+                                      "UDP datagrams for no link, dropped unanswered", value=relay.router.unknown)
+        return [accepted, dropped, frames, links, participants, refused, unknown]
+
+    return collect
+
+
 def _error(request: server.Request, code: int, label: str, message: str) -> bytes:
     request.setResponseCode(code)
     return json.dumps({"code": code, "label": label, "message": message}).encode("utf-8")
@@ -147,10 +188,11 @@ def _runtime(context: Context) -> Optional[RelayService]:
         fingerprint = fingerprint_of_certificate(material.leaf)
         settings = read_settings(options, fingerprint)
         policy = TrustPolicy(settings.peers, settings.trusted)
-        tls = RelayTLS(material, policy.may_connect, policy.label)
+        tls = RelayTLS(material, policy.may_connect, policy.label, clock=context.reactor)
         mesh = RelayMesh(fingerprint, policy, max_hops=settings.max_hops, room_rate_limit=settings.room_rate_limit,
-                         clock=context.reactor)
+                         link_rate_limit=settings.link_rate_limit, clock=context.reactor)
         relay = RelayService(settings, policy, tls, mesh, reactor=context.reactor)
+        context.metrics.register_collector(relay_metrics(relay))
     context.plugin_state[_STATE] = relay
     return relay
 

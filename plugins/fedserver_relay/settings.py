@@ -11,6 +11,7 @@ describes.
     label = "Relay 1"
     max_federation_hops = 2                   # TTL of our frames; frames never travel further
     room_rate_limit = 2000                    # frames per second per room from all sources (burst: one second)
+    link_rate_limit = 10000                   # frames per second from each relay link (burst: one second)
 
     [[relay.peers]]                           # we connect out, and trust
     address = "127.0.0.1:7444"
@@ -88,6 +89,8 @@ class RelaySettings:
     rooms: Tuple[Room, ...]
     #: the UDP port announced to linked relays in C{Hello} (C{udp}'s port unless C{udp_advertise_port} is set)
     udp_advertise_port: int = 0
+    #: frames per second accepted from each relay link
+    link_rate_limit: int = 10_000
 
 
 class TrustPolicy:
@@ -180,6 +183,7 @@ def read_settings(options: Options, own_fingerprint: str) -> RelaySettings:
         raise options.error("label", "must have 1 to 128 bytes")
     max_hops = options.get_int("max_federation_hops", 2, minimum=1, maximum=MAX_TTL)
     rate = options.get_int("room_rate_limit", 2000, minimum=1, maximum=1_000_000)
+    link_rate = options.get_int("link_rate_limit", 10_000, minimum=1, maximum=1_000_000)
     shorts: Dict[bytes, str] = {short_id(own_fingerprint): own_fingerprint}
     peers: List[PeerEntry] = []
     for entry in options.get_table_list("peers", []):
@@ -213,5 +217,5 @@ def read_settings(options: Options, own_fingerprint: str) -> RelaySettings:
     return RelaySettings(
         listen=listen, udp=udp, participants=participants, label=label, max_hops=max_hops, room_rate_limit=rate,
         peers=tuple(peers), trusted=tuple(trusted), rooms=tuple(rooms),
-        udp_advertise_port=advertise or (udp[1] if udp is not None else 0),
+        udp_advertise_port=advertise or (udp[1] if udp is not None else 0), link_rate_limit=link_rate,
     )

@@ -20,7 +20,7 @@ Routes (JSON in and out; ids are UUIDs, C{{domain}/{id}} qualifies an id):
 - C{GET /wire/conversations/{domain}/{id}?user=ID} -> the metadata, for a
   member (remote conversations: the owner's C{get-conversations}).
 - C{POST /wire/conversations/{domain}/{id}/messages} C{{"sender": id,
-  "text"}} -> 201 C{{"message", "failed_to_send"}}.
+  "text"}} -> 201 C{{"message", "failed_to_send", "queued"}}.
 - C{POST /wire/conversations/{domain}/{id}/leave} C{{"user": id}} -> 200.
 
 Refusals are labelled JSON (C{400 bad-request}, C{400 invalid-handle},

@@ -32,7 +32,7 @@ the call's validated origin domain:
   message, gives it to its local members and sends C{on-message-sent} to
   every other backend with members (the sender's own included, for the
   sender's fellow users there); it answers C{{"message": {...},
-  "failed_to_send": [...]}}.
+  "failed_to_send": [...], "queued": [...]}}.
 - C{get-conversations} C{{"user": qid, "ids": [ids]}}: the metadata of
   those of our conversations that the user is a member of, only when the
   user is of the calling domain (C{403 access-denied} otherwise):
@@ -44,11 +44,20 @@ C{on-message-sent}), the answer says so (C{failed_to_add},
 C{failed_to_send}, with the labelled error) instead of failing the whole
 operation, as wire-server reports them; members whose backend never learnt
 of a new conversation are taken out of it.
+
+C{on-message-sent} goes through fedserver's durable outbound queue
+(L{fedserver.outbound_queue}), queued in the transaction that stores the
+message: a backend that cannot be reached now is told when it is back, in
+order and once (the answer lists it under C{queued}); only a backend that
+refuses the notification for good is in C{failed_to_send}.
+C{on-conversation-created} is still sent at once, because a member whose
+backend was not told is taken out of the new conversation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import json
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -154,10 +163,15 @@ class WireGalley(RPCComponent):
 
     name = "galley"
 
-    def __init__(self, store: WireStore, remote: RPCClient, *, clock: Any) -> None:
+    def __init__(self, store: WireStore, remote: RPCClient, *, clock: Any, queue: Callable[[], Any] = lambda: None,
+                 notify_wait: float = 30.0) -> None:
         self.store = store
         self.remote = remote
         self.clock = clock
+        #: gives the durable outbound queue (C{context.queue}) that C{on-message-sent} goes through, if any
+        self.queue = queue
+        #: seconds sending a message waits for the other backends to be told before it answers
+        self.notify_wait = notify_wait
 
     @property
     def backend_domain(self) -> str:
@@ -281,20 +295,56 @@ class WireGalley(RPCComponent):
         self, conversation: Conversation, sender: QualifiedId, message_text: str, request_id: str
     ) -> Dict[str, Any]:
         message = Message(new_id(), conversation.qid, sender, message_text, self.now())
-        _, members = await self.store.record_message(message, message_event(message))
-        recipients = [m for m in members if m != sender]
-        groups = by_domain(recipients, skip=[self.backend_domain])
         body = {
             "conversation": conversation.qid.to_json(),
             "sender": sender.to_json(),
             "message": {"id": message.id, "text": message.text, "time": message.time},
         }
+        queue = self.queue()
+        if queue is not None:
+            return await self._queue_message(queue, message, sender, body, request_id)
+        _, members = await self.store.record_message(message, message_event(message))
+        recipients = [m for m in members if m != sender]
+        groups = by_domain(recipients, skip=[self.backend_domain])
         failures = await self._tell(groups, "on-message-sent", body, request_id)
         failed = [
             {"domain": domain, "users": [u.to_json() for u in groups[domain]], "error": error}
             for domain, error in failures
         ]
-        return {"message": message.to_json(), "failed_to_send": failed}
+        return {"message": message.to_json(), "failed_to_send": failed, "queued": []}
+
+    async def _queue_message(
+        self, queue: Any, message: Message, sender: QualifiedId, body: Dict[str, Any], request_id: str
+    ) -> Dict[str, Any]:
+        """
+        Store C{message} and queue C{on-message-sent} for every other
+        backend with recipients in the same transaction (the durable
+        outbound queue, docs/queue.md), then wait at most C{notify_wait}
+        seconds for them to be told: a backend that refused it for good is
+        in C{failed_to_send}, one not reached yet in C{queued} (the queue
+        goes on trying).
+        """
+        groups: Dict[str, List[QualifiedId]] = {}
+        outgoing: List[Any] = []
+        data = json.dumps(body).encode("utf-8")
+
+        def outbox(cursor: Any, members: List[QualifiedId]) -> None:
+            groups.update(by_domain([m for m in members if m != sender], skip=[self.backend_domain]))
+            outgoing[:] = [queue.item(domain, "galley", "on-message-sent", data, request_id=request_id)
+                           for domain in groups]
+            queue.insert(cursor, outgoing)
+
+        await self.store.record_message(message, message_event(message), outbox)
+        failed: List[Dict[str, Any]] = []
+        queued: List[Dict[str, Any]] = []
+        for attempt in await queue.submitted(outgoing, wait=self.notify_wait):
+            entry: Dict[str, Any] = {"domain": attempt.destination,
+                                     "users": [u.to_json() for u in groups[attempt.destination]]}
+            if attempt.state == "dead":
+                failed.append({**entry, "error": attempt.error})
+            elif attempt.state == "queued":
+                queued.append({**entry, **({"error": attempt.error} if attempt.error is not None else {})})
+        return {"message": message.to_json(), "failed_to_send": failed, "queued": queued}
 
     async def _tell(
         self, groups: Dict[str, List[QualifiedId]], rpc: str, body: Any, request_id: str
@@ -401,9 +451,10 @@ class WireGalley(RPCComponent):
                 "time": timestamp(sent["time"], "message.time"),
             }
             failed = json_list(result["failed_to_send"], "failed_to_send", maximum=MAX_MEMBERS)
+            queued = json_list(result.get("queued", []), "queued", maximum=MAX_MEMBERS)
         except APIError as e:
             raise unexpected_body(qid.domain, path, e.message) from None
-        return {"message": message, "failed_to_send": failed}
+        return {"message": message, "failed_to_send": failed, "queued": queued}
 
     @deferred
     async def leave(self, qid: QualifiedId, user_id: str, request_id: str) -> Dict[str, Any]:

@@ -74,7 +74,9 @@ def make_brig(options: Options, context: Context) -> WireBrig:
 def make_galley(options: Options, context: Context) -> WireGalley:
     """Factory of C{wire-galley}."""
     _check_name(options, "galley")
-    return WireGalley(_store(context), _remote(context), clock=context.reactor)
+    # on-message-sent goes through the durable outbound queue (docs/queue.md)
+    return WireGalley(_store(context), _remote(context), clock=context.reactor, queue=lambda: context.queue,
+                      notify_wait=context.config.limits.request_timeout)
 
 
 @hookimpl

@@ -20,7 +20,7 @@ write runs in one transaction through L{fedserver.storage.Store.run_interaction}
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import attrs
 from twisted.internet import defer
@@ -424,17 +424,24 @@ class WireStore:
                 removed += 1
         return removed
 
-    def record_message(self, message: Message, event: NewEvent) -> Deferred[Tuple[bool, List[QualifiedId]]]:
+    def record_message(
+        self, message: Message, event: NewEvent, outbox: Optional[Callable[[Any, List[QualifiedId]], None]] = None,
+    ) -> Deferred[Tuple[bool, List[QualifiedId]]]:
         """
         Store C{message} and put C{event} in the inbox of every local member
         of its conversation but the sender.  Fire with C{(new, members)}:
         C{new} is false when the message was already stored (then nobody gets
         it again), C{members} are the conversation's members we know, read
-        in the same transaction.
+        in the same transaction.  C{outbox(cursor, members)}, if given, runs
+        last in that transaction for a new message (the galley queues the
+        message's notifications there).
         """
-        return self.store.run_interaction(self._record_message, message, event)
+        return self.store.run_interaction(self._record_message, message, event, outbox)
 
-    def _record_message(self, cursor: Any, message: Message, event: NewEvent) -> Tuple[bool, List[QualifiedId]]:
+    def _record_message(
+        self, cursor: Any, message: Message, event: NewEvent,
+        outbox: Optional[Callable[[Any, List[QualifiedId]], None]] = None,
+    ) -> Tuple[bool, List[QualifiedId]]:
         conv = message.conversation
         cursor.execute(
             "SELECT user_domain, user_id FROM wire_members WHERE conv_domain = ? AND conv_id = ? "
@@ -457,6 +464,8 @@ class WireStore:
         for member in members:
             if member.domain == self.backend_domain and member != message.sender:
                 _add_event(cursor, member.id, event)
+        if outbox is not None:
+            outbox(cursor, members)
         return True, members
 
     def owned_conversations_of(

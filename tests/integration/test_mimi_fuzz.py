@@ -298,14 +298,15 @@ def test_walk_every_operation(gateway: Setup) -> None:
         "commitPacket": b64(commit), "welcomePacket": b64(welcome),
         "groupInfo": b64(make_group_info(key, group_id=group_id, epoch=1)),
     })
-    assert committed == {"epoch": 1, "welcomed": [{"domain": GATEWAY, "clientId": ids["alice"]}], "failed": []}
+    assert committed == {"epoch": 1, "welcomed": [{"domain": GATEWAY, "clientId": ids["alice"]}], "queued": [],
+                         "failed": []}
     stale = explicit(s, "commit", 409, path_parameters=group_path, body={"commitPacket": b64(commit)})
     assert stale["data"] == {"currentEpoch": 1}
     explicit(s, "addProposal", 422, path_parameters=group_path, body={"proposal": b64(commit)})
     welcomes = explicit(s, "listWelcomes", 200, path_parameters=alice)["welcomeMessages"]
     assert [(w["groupId"], w["epoch"], w["welcomePacket"]) for w in welcomes] == [(group, 1, b64(welcome))]
     messages = explicit(s, "listCommits", 200, path_parameters=group_path)
-    assert messages == {"epoch": 1, "messages": [{"epoch": 0, "commitPacket": b64(commit)}]}
+    assert messages == {"epoch": 1, "messages": [{"epoch": 0, "commitPacket": b64(commit)}], "truncated": False}
 
     # another gateway, which does not answer: a documented, labelled failure
     refused = explicit(s, "listApps", 521, query={"domain": PEER})

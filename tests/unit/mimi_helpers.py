@@ -44,7 +44,7 @@ from fedserver_mimi.keypackage import parse_key_package, parse_key_package_messa
 from fedserver_mimi.messages import CONTENT_COMMIT, key_package_ref
 from tests.unit.helpers import HTTPAnswer, HTTPConnection, build_plugin, parse_answer
 from tests.unit.test_mimi_identity import certificate, new_key
-from tests.unit.wire_helpers import bounded, context_for
+from tests.unit.wire_helpers import bounded, context_for, start_queue, stop_queue, with_queue
 
 #: the gateways' clock: 2026-01-01T00:00:00Z
 NOW = 1_767_225_600
@@ -195,6 +195,7 @@ class MimiBackend:
         return {"mimi": self.gateway}
 
     def stop(self) -> None:
+        stop_queue(self.context)
         self.store.stopService()
 
     # the internal interface, over HTTP
@@ -314,15 +315,16 @@ class MimiBackend:
 
     # the external interface, straight to the component
 
-    async def call(self, rpc: str, body: Any, *, origin: str = "b.example", raw: Optional[bytes] = None) -> Response:
-        """An inbound RPC from C{origin} to the component, as the pipeline hands it on; bounded."""
+    async def call(self, rpc: str, body: Any, *, origin: str = "b.example", raw: Optional[bytes] = None,
+                   headers: Sequence[Tuple[str, str]] = ()) -> Response:
+        """An inbound RPC from C{origin}, with more C{headers}, to the component as the pipeline gives it; bounded."""
         call = FederatedCall(
             origin_domain=origin,
             target_domain=self.domain,
             component="mimi",
             rpc=rpc,
             method="POST",
-            headers=(("Content-Type", "application/json"),),
+            headers=(("Content-Type", "application/json"), *headers),
             body=raw if raw is not None else json.dumps(body).encode(),
             request_id="req-test",
             peer=Peer(identities={f"fed.{origin}"}, claimed_domain=origin),
@@ -356,7 +358,7 @@ def make_gateway(
     all_tokens = {name: token_for(domain, name) for name in names}
     all_tokens.update(tokens or {})
     store = Store(f"sqlite:{database or tmp_path / (domain + '.sqlite')}", reactor=reactor)
-    context = gateway_context(folder, domain, store, providers)
+    context = with_queue(gateway_context(folder, domain, store, providers))
     gateway = build_gateway(folder, context, gateway_table(folder, all_tokens, apps, **values))
     context.components = {"mimi": gateway}
     root = ListenerRoot("outward listener")
@@ -366,6 +368,7 @@ def make_gateway(
     site = FederationSite(root, max_body_bytes=context.config.limits.max_body_bytes, reactor=Clock())
     store.migrate()
     store.startService()
+    start_queue(context)
     return MimiBackend(domain, folder, store, context, gateway, site, all_tokens, {a.name: a.id for a in apps})
 
 

@@ -66,9 +66,14 @@ class FakeLink:
     fingerprint: str
     frames: List[Frame] = attrs.Factory(list)
     controls: List[ControlMessage] = attrs.Factory(list)
+    #: whether the link is backed up: frames sent to it are dropped, and it says so
+    congested: bool = False
 
-    def send_frame(self, frame: Frame) -> None:
+    def send_frame(self, frame: Frame) -> bool:
+        if self.congested:
+            return False
         self.frames.append(frame)
+        return True
 
     def send_control(self, message: ControlMessage) -> None:
         self.controls.append(message)
@@ -162,7 +167,7 @@ def make_relay(
     mesh = RelayMesh(fp, trust, max_hops=max_hops, room_rate_limit=1000, clock=clock, participants=participants)
     router = DatagramRouter(mesh)
     links = RelayLinks(mesh, router, label=name, udp_port=udp_port, clock=clock)
-    return Relay(name, tls, fp, mesh, RelayTLS(tls, trust.may_connect, trust.label), router, links)
+    return Relay(name, tls, fp, mesh, RelayTLS(tls, trust.may_connect, trust.label, clock=clock), router, links)
 
 
 @attrs.define(eq=False)

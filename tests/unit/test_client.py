@@ -305,3 +305,22 @@ def test_bounded_turns_any_failure_after_the_deadline_into_a_timeout():
     done = bounded(defer.succeed("answer"), 2, clock)
     assert success_result_of(done) == "answer"
     assert not clock.getDelayedCalls()
+
+
+def test_a_connection_reset_in_the_middle_of_the_answer(reactor, client, dev_pki):
+    """
+    The remote sent part of its answer and the connection broke: the request
+    may have been handled, so this is not NotDelivered (no other target is
+    tried), and the label is federation-connection-refused.
+    """
+    backend = RemoteBackend(finish=False, body=b'{"user": "al')
+    d = client.send(TARGET, REQUEST)
+    pump = connect(reactor, dev_pki, backend)
+    assert_no_result(d)
+    backend.requests[0].channel.transport.abortConnection()  # a reset: no TLS close_notify, no chunk end
+    pump.flush()
+    error_ = labelled_failure(d, "federation-connection-refused")
+    assert not isinstance(error_, NotDelivered)
+    assert error_.message.startswith(f"cannot reach {WHERE}: ")
+    assert (error_.code, error_.data) == (521, {"type": "federation", "domain": "fed.b.example"})
+    assert not any(state.idle for state in client.pool._keys.values())  # the broken connection is not kept

@@ -189,6 +189,17 @@ def test_limits_are_read():
     assert isinstance(config.limits.request_timeout, float)
 
 
+def test_header_and_body_deadlines():
+    assert (Limits().header_timeout, Limits().body_timeout) == (10.0, 60.0)
+    config = parse({"limits": {"header_timeout": 2, "body_timeout": 0.5}})
+    assert (config.limits.header_timeout, config.limits.body_timeout) == (2.0, 0.5)
+    assert "[limits] header_timeout: must be at least 0.1, not 0.0" in config_error({"limits": {"header_timeout": 0}})
+    assert "[limits] body_timeout: must be at most 86400, not 1000000.0" in config_error(
+        {"limits": {"body_timeout": 1e6}})
+    assert "[limits] idle_timeout: must be a number, not nan" in config_error(
+        {"limits": {"idle_timeout": float("nan")}})
+
+
 @pytest.mark.parametrize(
     "domain", ["A.example", "a..example", "-a.example", "a-.example", "a_b.example", "é.example", "a." + "x" * 64]
 )

@@ -445,6 +445,16 @@ def test_a_body_that_is_not_json(ours, remote):
     assert (error.label, error.errcode, error.matrix_status) == ("invalid-json", "M_NOT_JSON", 400)
 
 
+@pytest.mark.parametrize("body", [b'{"a": "\\ud800"}', b'{"a": "\xed\xa0\x80"}'])
+def test_a_body_with_a_lone_surrogate_cannot_be_signed(ours, remote, body):
+    # JSON, but not canonical JSON: found by tests/unit/test_fuzz.py (it was an internal error)
+    request = remote.request(method="PUT", body={"a": 1})
+    request = InboundRequest(request.method, request.path, request.query, request.headers, body)
+    error = refused(ours.authenticate(request), "not-json")
+    assert (error.label, error.errcode, error.matrix_status) == ("invalid-json", "M_NOT_JSON", 400)
+    assert "lone surrogate" in error.message
+
+
 def test_a_key_the_origin_does_not_have(ours, remote):
     error = refused(ours.authenticate(remote.request(key=generate_signing_key("other"))), "unknown-key")
     assert error.message == "b.example signed with ed25519:other, but no such key of b.example is known and valid now"

@@ -125,6 +125,14 @@ def test_refusals_are_matrix_errors(method, path, body, headers, status, errcode
     matrix(ask(make_rig().inward, method, path, body, headers), status, errcode)
 
 
+@pytest.mark.parametrize("listener", ["inward", "outward"])
+@pytest.mark.parametrize("method", [b"GET", b"PUT", b"DELETE", b"OPTIONS", b"FOO"])
+def test_the_matrix_root_itself_is_not_served(listener, method):
+    # found by tests/unit/test_fuzz.py: /_matrix was Twisted's HTML 405 or 501 (500 for HEAD)
+    answer = ask(getattr(make_rig(), listener), method, b"/_matrix", b"", FROM_B)
+    assert matrix(answer, 404, "M_UNRECOGNIZED")["error"] == "/_matrix is not served here"
+
+
 def test_an_oversized_body_is_m_too_large_before_it_is_read():
     rig = make_rig()
     connection = HTTPConnection.to(rig.inward)

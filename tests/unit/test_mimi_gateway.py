@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
-from fedserver_mimi import encode
+from fedserver_mimi import encode, gateway_store
 from fedserver_mimi.encode import KeyPackageSpec
 from fedserver_mimi.gateway_api import GatewayAPI
 from fedserver_mimi.keypackage import parse_key_package_message
@@ -52,7 +52,7 @@ from tests.unit.mimi_helpers import (
     unb64,
     x509_providers,
 )
-from tests.unit.wire_helpers import answer_json, backend_factory, federate
+from tests.unit.wire_helpers import answer_json, backend_factory, eventually, federate
 
 A = "a.example"
 B = "b.example"
@@ -628,7 +628,7 @@ async def test_a_welcome_consumes_a_claimed_key_package_once(a):
     await a.create_group(b"g")
     answer = await a.commit(b"g", 0, welcome_refs=[ref_of(first)])
     assert answer.code == 201, answer.body
-    assert answer.json() == {"epoch": 1, "welcomed": [{"domain": A, "clientId": alice}], "failed": []}
+    assert answer.json() == {"epoch": 1, "welcomed": [{"domain": A, "clientId": alice}], "queued": [], "failed": []}
     # consumed: bob's next claim gets another one, and no Welcome may use it again
     second = claimed(await a.claim(alice, bob))
     assert second != first
@@ -720,7 +720,7 @@ async def test_proposals_of_the_current_epoch(gateways):
     first, second = proposal_message(b"g", 0), proposal_message(b"g", 0)
     assert await gw.ok("PUT", route, {"proposal": b64(first)}, code=201) == {"epoch": 0}
     assert await gw.ok("PUT", route, {"proposal": b64(second)}, code=201) == {"epoch": 0}
-    assert await gw.ok("GET", route) == {"epoch": 0, "proposals": [b64(first), b64(second)]}
+    assert await gw.ok("GET", route) == {"epoch": 0, "proposals": [b64(first), b64(second)], "truncated": False}
     body = refused(await gw.api("PUT", route, {"proposal": b64(proposal_message(b"g", 0))}), 400,
                    "too-many-proposals")
     assert "2 proposals" in body["message"]
@@ -728,7 +728,7 @@ async def test_proposals_of_the_current_epoch(gateways):
     assert (await gw.commit(b"g", 0)).code == 201
     private = encode.make_private_message(group_id=b"g", epoch=1, content_type=CONTENT_PROPOSAL)
     assert await gw.ok("PUT", route, {"proposal": b64(private)}, code=201) == {"epoch": 1}
-    assert await gw.ok("GET", route) == {"epoch": 1, "proposals": [b64(private)]}
+    assert await gw.ok("GET", route) == {"epoch": 1, "proposals": [b64(private)], "truncated": False}
     body = refused(await gw.api("PUT", route, {"proposal": b64(proposal_message(b"g", 0))}), 409, "stale-epoch")
     assert body["data"] == {"currentEpoch": 1}
     refused(await gw.api("PUT", route, {"proposal": b64(proposal_message(b"g", 2))}), 409, "stale-epoch")
@@ -766,14 +766,14 @@ async def test_commits_move_the_epoch_and_are_kept(a):
             body["groupInfo"] = b64(encode.make_group_info(key, group_id=b"g", epoch=3))
             body["ratchetTree"] = b64(b"tree-3")
         answer = await a.ok("PUT", group_route(b"g", "epochs"), body, code=201)
-        assert answer == {"epoch": epoch + 1, "welcomed": [], "failed": []}
+        assert answer == {"epoch": epoch + 1, "welcomed": [], "queued": [], "failed": []}
     info = await a.ok("GET", group_route(b"g", "group-info"))
     assert info["epoch"] == 3 and unb64(info["ratchetTree"]) == b"tree-3"
     assert unb64(info["groupInfo"]) == unb64(body["groupInfo"])
     route = group_route(b"g", "control-msgs")
     everything = await a.ok("GET", route)
     assert everything == {"epoch": 3, "messages": [{"epoch": e, "commitPacket": b64(c)}
-                                                   for e, c in enumerate(commits)]}
+                                                   for e, c in enumerate(commits)], "truncated": False}
     assert [m["epoch"] for m in (await a.ok("GET", route, query={"startEpochId": 1}))["messages"]] == [1, 2]
     assert [m["epoch"] for m in (await a.ok("GET", route, query={"startEpochId": 0, "endEpochId": 1}))[
         "messages"]] == [0, 1]
@@ -1007,7 +1007,7 @@ async def test_claiming_from_another_gateway_and_welcoming_there(pair):
     # a's commit welcomes b's client: the Welcome goes to b, which files it for bob
     answer = await a.commit(b"cross", 0, welcome_refs=[ref_of(kp)])
     assert answer.code == 201, answer.body
-    assert answer.json() == {"epoch": 1, "welcomed": [{"domain": B, "clientId": bob}], "failed": []}
+    assert answer.json() == {"epoch": 1, "welcomed": [{"domain": B, "clientId": bob}], "queued": [], "failed": []}
     welcomes = (await b.ok("GET", client_path(bob, CHAT_B) + "/welcome-msgs"))["welcomeMessages"]
     assert [(w["domain"], w["groupId"], w["epoch"]) for w in welcomes] == [(A, group_path(b"cross"), 1)]
     # consumed at b: the next claim for alice gets the other one
@@ -1049,13 +1049,21 @@ async def test_a_welcome_that_cannot_be_delivered_is_reported_and_the_commit_sta
     answer = await a.commit(b"g", 0, welcome_refs=[ref_of(kp)])
     assert answer.code == 201
     result = answer.json()
-    assert result["epoch"] == 1 and result["welcomed"] == []
-    assert [f["domain"] for f in result["failed"]] == [B]
-    assert result["failed"][0]["error"]["label"] == "federation-connection-refused"
+    assert result["epoch"] == 1 and result["welcomed"] == [] and result["failed"] == []
+    # the Welcome waits in the durable outbound queue
+    [queued] = result["queued"]
+    assert queued["domain"] == B and queued["error"]["label"] == "federation-connection-refused"
     assert (await a.ok("GET", group_route(b"g", "group-info")))["epoch"] == 1
     refused(await a.claim(bob, alice, domain=B, of=CHAT_B), 521, "federation-connection-refused")
-    # b refuses the Welcome: its client is gone
+    # b is back: the first call b answers ends the backoff, and bob gets the Welcome once
     network.down.clear()
+    assert (await a.ok("GET", "/apps", query={"domain": B}))["apps"]
+
+    async def bob_welcomed() -> bool:
+        return len((await b.ok("GET", client_path(bob, CHAT_B) + "/welcome-msgs"))["welcomeMessages"]) == 1
+
+    await eventually(bob_welcomed, what="the Welcome at b")
+    # b refuses the next Welcome for good: its client is gone
     dave = await b.register(b"dave")
     queue = await b.queue(dave)
     assert (await b.fill(dave, queue, [Device(b"dave").key_package()])).code == 200
@@ -1277,3 +1285,352 @@ async def test_random_requests_get_labelled_answers(fuzzed, data):
     decoded = answer.json()
     if answer.code >= 400:
         assert decoded["code"] == answer.code and isinstance(decoded["label"], str) and decoded["message"]
+
+
+# the findings of the gateway's security review: each test failed before its fix
+
+C = "c.example"
+CHAT_C = "c0c0c0c0-0000-4000-8000-00000000000c"
+CERTS_B = "b0b0b0b0-0000-4000-8000-0000000000cc"
+REQUESTER_A = {"appId": CHAT, "identityConfiguration": {"type": "basic"}}
+RECEIVERS = [f"a0a0a0a0-0000-4000-8000-00000000000{i}" for i in range(8)]
+
+
+def write_sqlite(path: Any, sql: str, params: Tuple[Any, ...]) -> None:
+    """Change a gateway's database behind its back (what a peer that misbehaves could serve)."""
+    connection = sqlite3.connect(str(path))
+    try:
+        connection.execute(sql, params)
+        connection.commit()
+    finally:
+        connection.close()
+
+
+def welcome_body(group: bytes, refs: List[bytes], epoch: int = 1) -> Dict[str, Any]:
+    welcome = encode.make_welcome(cipher_suite=1, key_package_refs=refs)
+    return {"groupId": group_path(group), "epoch": epoch, "welcome": b64(welcome)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peers_claim_of_a_final_key_is_good_for_one_welcome(pair):
+    a, b, _network = pair
+    bob = await b.register(b"bob")
+    final = Device(b"bob").key_package(not_after=NOW + 30 * DAY)
+    assert (await b.fill(bob, await b.queue(bob), final=final)).code == 200
+    alice = await a.register(b"alice")
+    assert claimed(await a.claim(bob, alice, domain=B, of=CHAT_B)) == final
+
+    async def deliver(group: bytes) -> Any:
+        response = await b.call("deliver-welcome", welcome_body(group, [ref_of(final)]), origin=A)
+        return response.code, answer_json(response)
+
+    assert await deliver(b"g1") == (200, {"welcomed": [bob]})
+    # the same Welcome again is still welcome
+    assert await deliver(b"g1") == (200, {"welcomed": [bob]})
+    # but the claim is used up: a Welcome of another (made-up) group is not filed
+    for group in (b"g2", b"g3"):
+        code, body = await deliver(group)
+        assert (code, body["label"]) == (422, "unknown-key-package")
+    welcomes = (await b.ok("GET", client_path(bob, CHAT_B) + "/welcome-msgs"))["welcomeMessages"]
+    assert [w["groupId"] for w in welcomes] == [group_path(b"g1")]
+    # a new claim is good for one more
+    assert claimed(await a.claim(bob, alice, domain=B, of=CHAT_B)) == final
+    assert await deliver(b"g2") == (200, {"welcomed": [bob]})
+    assert (await deliver(b"g3"))[0] == 422
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_local_claim_of_a_final_key_is_good_for_one_welcome(a):
+    alice, bob = await a.register(b"alice"), await a.register(b"bob")
+    final = Device(b"alice").key_package(not_after=NOW + 30 * DAY)
+    assert (await a.fill(alice, await a.queue(alice), final=final)).code == 200
+    assert (await a.claim(alice, bob)).json()["isFinalKey"] is True
+    await a.create_group(b"g1")
+    await a.create_group(b"g2")
+    assert (await a.commit(b"g1", 0, welcome_refs=[ref_of(final)])).code == 201
+    refused(await a.commit(b"g2", 0, welcome_refs=[ref_of(final)]), 422, "unknown-key-package")
+    assert claimed(await a.claim(alice, bob)) == final
+    assert (await a.commit(b"g2", 0, welcome_refs=[ref_of(final)])).code == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_keeps_at_most_welcomes_per_client(gateways):
+    gw = gateways(A, welcomes_per_client=2)
+    alice, bob, _queue, _device, _kps = await with_keys(gw, 3)
+    for i in range(3):
+        ref = ref_of(claimed(await gw.claim(alice, bob)))
+        await gw.create_group(f"g{i}".encode())
+        answer = await gw.commit(f"g{i}".encode(), 0, welcome_refs=[ref])
+        assert answer.code == (201 if i < 2 else 429), answer.body
+    body = refused(answer, 429, "too-many-welcomes")
+    assert body["data"] == {"clientId": alice}
+    # nothing of the refused commit was kept: the group did not move, and bob still holds the KeyPackage
+    assert (await gw.ok("GET", group_route(b"g2", "group-info")))["epoch"] == 0
+    assert ref_of(claimed(await gw.claim(alice, bob))) == ref
+    assert len((await gw.ok("GET", client_path(alice) + "/welcome-msgs"))["welcomeMessages"]) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_listings_are_bounded_by_bytes_as_well_as_rows(a, monkeypatch):
+    alice, bob, _queue, _device, _kps = await with_keys(a, 3)
+    for i in range(3):
+        ref = ref_of(claimed(await a.claim(alice, bob)))
+        await a.create_group(f"g{i}".encode())
+        assert (await a.commit(f"g{i}".encode(), 0, welcome_refs=[ref])).code == 201
+        assert (await a.commit(f"g{i}".encode(), 1)).code == 201
+    await a.create_group(b"p")
+    for _ in range(3):
+        await a.ok("PUT", group_route(b"p", "proposals"), {"proposal": b64(proposal_message(b"p", 0))}, code=201)
+    route = client_path(alice) + "/welcome-msgs"
+    everything = await a.ok("GET", route)
+    assert len(everything["welcomeMessages"]) == 3 and everything["truncated"] is False
+    size = len(unb64(everything["welcomeMessages"][0]["welcomePacket"]))
+
+    async def pages(path: str, cursor: str, advance: Any) -> List[Tuple[int, bool]]:
+        """(rows, truncated) of each page, following the cursor."""
+        seen, query = [], {}
+        while True:
+            page = await a.ok("GET", path, query=query)
+            rows = page.get("welcomeMessages", page.get("messages", page.get("proposals")))
+            seen.append((len(rows), page["truncated"]))
+            if not page["truncated"]:
+                return seen
+            query = {cursor: advance(query, rows)}
+
+    # by bytes: one row always, then no more than the limit
+    monkeypatch.setattr(gateway_store, "MAX_LISTING_BYTES", 2 * size)
+    assert await pages(route, "since", lambda q, rows: rows[-1]["id"]) == [(2, True), (1, False)]
+    monkeypatch.setattr(gateway_store, "MAX_LISTING_BYTES", 1)
+    assert await pages(route, "since", lambda q, rows: rows[-1]["id"]) == [(1, True)] * 2 + [(1, False)]
+    assert await pages(group_route(b"g0", "control-msgs"), "startEpochId",
+                       lambda q, rows: rows[-1]["epoch"] + 1) == [(1, True), (1, False)]
+    assert await pages(group_route(b"p", "proposals"), "start",
+                       lambda q, rows: int(q.get("start", 0)) + len(rows)) == [(1, True)] * 2 + [(1, False)]
+    # by rows
+    monkeypatch.setattr(gateway_store, "MAX_LISTING_BYTES", 1 << 30)
+    monkeypatch.setattr(gateway_store, "MAX_LISTING", 2)
+    assert await pages(route, "since", lambda q, rows: rows[-1]["id"]) == [(2, True), (1, False)]
+    proposals = await a.ok("GET", group_route(b"p", "proposals"), query={"start": 2})
+    assert len(proposals["proposals"]) == 1 and proposals["truncated"] is False
+    assert (await a.ok("GET", group_route(b"p", "proposals"), query={"start": 9}))["proposals"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_package_claimed_across_must_have_the_handle_the_peer_listed(pair, tmp_path):
+    a, b, _network = pair
+    bob, _carol, _queue, _device, kps = await with_keys(b, 2, owner=b"bob", other=b"carol")
+    alice, dave = await a.register(b"alice"), await a.register(b"dave")
+    # unlisted, the KeyPackage's credential is still checked (basic: any is valid)
+    assert ref_of(claimed(await a.claim(bob, dave, domain=B, of=CHAT_B))) == ref_of(kps[0])
+    # b lists bob under another handle than his KeyPackages give
+    write_sqlite(tmp_path / f"{B}.sqlite", "UPDATE mimi_clients SET handle = ? WHERE id = ?", (b"robert", bob))
+    listed = await a.ok("GET", f"/apps/{CHAT}/clients", query={"tag": "account:bob", "domain": B, "app": CHAT_B})
+    assert listed["identities"][0]["clientIdentity"] == b64(b"robert")
+    body = refused(await a.claim(bob, alice, domain=B, of=CHAT_B), 533, "federation-unexpected-body")
+    assert "'bob'" in body["message"] and "'robert'" in body["message"]
+    # nothing was recorded as claimed
+    await a.create_group(b"g")
+    refused(await a.commit(b"g", 0, welcome_refs=[ref_of(kps[1])]), 422, "unknown-key-package")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_package_claimed_across_is_checked_with_the_claimers_identity_provider(gateways, tmp_path):
+    chain = CertificateChain.make(leaf_until=NOW + 2 * HOUR)
+    a = gateways(A, apps=[AppSpec("certs", CERTS, provider="devices")], providers=x509_providers(tmp_path / A, chain))
+    b = gateways(B, apps=[AppSpec("certs", CERTS_B, provider="devices")],
+                 providers=x509_providers(tmp_path / B, chain))
+    federate([a, b])
+    phone = await b.register(b"phone", app="certs")
+    device = chain.device()
+    kps = [device.key_package(not_after=NOW + DAY + i) for i in range(3)]
+    assert (await b.fill(phone, await b.queue(phone, app="certs"), kps, app="certs")).code == 200
+    readers = [await a.register(f"reader{i}".encode(), app="certs") for i in range(3)]
+    assert claimed(await a.claim(phone, readers[0], domain=B, of=CERTS_B, app="certs")) == kps[0]
+    # b serves a KeyPackage whose leaf certificate's key is not the one that signs it (it took none such)
+    thief = chain.device(key=nacl.signing.SigningKey.generate()).key_package(not_after=NOW + DAY + 1)
+    write_sqlite(tmp_path / f"{B}.sqlite", "UPDATE mimi_key_packages SET data = ? WHERE ref = ?",
+                 (thief, ref_of(kps[1])))
+    body = refused(await a.claim(phone, readers[1], domain=B, of=CERTS_B, app="certs"), 533,
+                   "federation-unexpected-body")
+    assert "signature_key" in body["message"]
+    # the chain is validated at the claimer's time: the leaf has expired since b took the KeyPackage
+    for gateway in (a, b):
+        gateway.clock.advance(3 * HOUR)
+    body = refused(await a.claim(phone, readers[2], domain=B, of=CERTS_B, app="certs"), 533,
+                   "federation-unexpected-body")
+    assert "expired" in body["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_package_is_recorded_as_claimed_from_one_domain_only(gateways):
+    a, b = gateways(A), gateways(B, apps=APPS_B)
+    c = gateways(C, apps=[AppSpec("chat", CHAT_C)])
+    federate([a, b, c])
+    bob, _carol, _queue, _device, kps = await with_keys(b, 1, owner=b"bob", other=b"carol")
+    alice, dave = await a.register(b"alice"), await a.register(b"dave")
+    kp = claimed(await a.claim(bob, alice, domain=B, of=CHAT_B))
+    # c serves a copy of b's KeyPackage as its own bob's
+    c_bob = await c.register(b"bob")
+    assert (await c.fill(c_bob, await c.queue(c_bob), [kps[0]])).code == 200
+    body = refused(await a.claim(c_bob, dave, domain=C, of=CHAT_C), 533, "federation-unexpected-body")
+    assert B in body["message"]
+    # a Welcome for it still goes to b
+    assert await a.gateway.store.remote_claims([ref_of(kp)], CHAT) == {ref_of(kp): (B, CHAT_B, bob)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_commit_uses_only_key_packages_its_own_clients_claimed(pair):
+    a, b, _network = pair
+    alice, _bob, _queue, _device, _kps = await with_keys(a, 3)
+    carol = await a.register(b"carol", app="other")
+    bert = await b.register(b"bert")
+    # b's client holds one of alice's KeyPackages, and carol of application other another one
+    remote = claimed(await b.claim(alice, bert, domain=A, of=CHAT))
+    others = claimed(await a.claim(alice, carol, app="other", of=CHAT))
+    await a.create_group(b"g")
+    for kp in (remote, others):
+        body = refused(await a.commit(b"g", 0, welcome_refs=[ref_of(kp)]), 422, "unknown-key-package")
+        assert body["data"] == {"keyPackageRefs": [ref_of(kp).hex()]}
+    assert (await a.ok("GET", client_path(alice) + "/welcome-msgs"))["welcomeMessages"] == []
+    # each may still be used by whoever claimed it
+    await a.create_group(b"h", app="other")
+    answer = await a.commit(b"h", 0, app="other", welcome_refs=[ref_of(others)])
+    assert answer.code == 201 and answer.json()["welcomed"] == [{"domain": A, "clientId": alice}]
+    response = await a.call("deliver-welcome", welcome_body(b"x", [ref_of(remote)]), origin=B)
+    assert response.code == 200 and answer_json(response) == {"welcomed": [alice]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_application_that_claimed_across_sends_the_welcome(pair):
+    a, b, _network = pair
+    bob, _carol, _queue, _device, _kps = await with_keys(b, 1, owner=b"bob", other=b"carol")
+    alice = await a.register(b"alice")
+    kp = claimed(await a.claim(bob, alice, domain=B, of=CHAT_B))
+    await a.create_group(b"g", app="other")
+    refused(await a.commit(b"g", 0, app="other", welcome_refs=[ref_of(kp)]), 422, "unknown-key-package")
+    assert await a.gateway.store.remote_claims([ref_of(kp)], OTHER) == {}
+    assert (await b.ok("GET", client_path(bob, CHAT_B) + "/welcome-msgs"))["welcomeMessages"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_holds_a_bounded_number_of_claims_until_they_are_released(gateways):
+    b = gateways(B, apps=APPS_B, claims_per_peer_per_queue=2, claim_ttl=HOUR)
+    bob, _carol, queue, _device, _kps = await with_keys(b, 5, owner=b"bob", other=b"carol")
+
+    async def claim(receiver: str, origin: str = A, client: str = bob) -> Tuple[int, Dict[str, Any]]:
+        response = await b.call("claim-key-package", {
+            "appId": CHAT_B, "clientId": client, "protocolVersion": 1, "cipherSuite": 1,
+            "receiverClientId": receiver, "requester": REQUESTER_A}, origin=origin)
+        return response.code, answer_json(response)
+
+    first = await claim(RECEIVERS[0])
+    assert first[0] == 200 and (await claim(RECEIVERS[1]))[0] == 200
+    code, body = await claim(RECEIVERS[2])
+    assert (code, body["label"]) == (429, "too-many-claims")
+    assert A in body["message"] and queue not in body["message"]
+    # a receiver that holds one gets it again; another domain has its own allowance
+    assert await claim(RECEIVERS[0]) == first
+    assert (await claim(RECEIVERS[2], origin=C))[0] == 200
+    # a Welcome that uses one makes room for another
+    response = await b.call("deliver-welcome", welcome_body(b"g", [ref_of(unb64(first[1]["keyPackage"]))]), origin=A)
+    assert response.code == 200
+    assert (await claim(RECEIVERS[2]))[0] == 200
+    assert (await claim(RECEIVERS[3]))[0] == 429
+    # claims that no Welcome used within claim_ttl are released, and claimable again
+    b.clock.advance(HOUR + 1)
+    assert (await claim(RECEIVERS[3]))[0] == 200
+    assert (await claim(RECEIVERS[4]))[0] == 200
+    assert (await claim(RECEIVERS[5]))[0] == 429
+    # and so are claims of a final key
+    dave = await b.register(b"dave")
+    final = Device(b"dave").key_package(not_after=NOW + 30 * DAY)
+    assert (await b.fill(dave, await b.queue(dave), final=final)).code == 200
+    for receiver in RECEIVERS[:2]:
+        code, body = await claim(receiver, client=dave)
+        assert code == 200 and body["isFinalKey"] is True
+    assert (await claim(RECEIVERS[0], client=dave))[0] == 200
+    code, body = await claim(RECEIVERS[2], client=dave)
+    assert (code, body["label"]) == (429, "too-many-claims")
+    b.clock.advance(HOUR + 1)
+    assert (await claim(RECEIVERS[2], client=dave))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_final_key_is_not_given_before_its_lifetime_begins(a):
+    alice, bob = await a.register(b"alice"), await a.register(b"bob")
+    final = Device(b"alice").key_package(not_before=NOW + HOUR, not_after=NOW + DAY)
+    assert (await a.fill(alice, await a.queue(alice), final=final)).code == 200
+    refused(await a.claim(alice, bob), 404, "no-key-package")
+    a.clock.advance(2 * HOUR)
+    assert (await a.claim(alice, bob)).json() == {"keyPackage": b64(final), "isFinalKey": True}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_is_not_told_internal_queue_ids(pair):
+    _a, b, _network = pair
+    bob = await b.register(b"bob")
+    queue = await b.queue(bob)
+    response = await b.call("claim-key-package", {
+        "appId": CHAT_B, "clientId": bob, "protocolVersion": 1, "cipherSuite": 1,
+        "receiverClientId": RECEIVERS[0], "requester": REQUESTER_A}, origin=A)
+    body = answer_json(response)
+    assert (response.code, body["label"]) == (404, "no-key-package")
+    assert queue not in json.dumps(body) and bob in body["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayed_calls_are_refused(pair):
+    _a, b, _network = pair
+    bodies = {"list-apps": {}, "list-clients": {"appId": CHAT_B, "tag": "t", "requester": REQUESTER_A},
+              "deliver-welcome": welcome_body(b"g", [bytes(32)])}
+    for header in ("Fedserver-Relay-Origin", "Fedserver-Relay-Origin-Domain", "Fedserver-Relay-Hops"):
+        for rpc, body in bodies.items():
+            response = await b.call(rpc, body, origin=A, headers=[(header, "1")])
+            decoded = answer_json(response)
+            assert (response.code, decoded["label"]) == (403, "access-denied"), (header, rpc)
+            assert "relayed calls are not accepted by the MIMI gateway" in decoded["message"]
+    assert (await b.call("list-apps", {}, origin=A)).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retired_application_is_not_reachable(gateways, tmp_path):
+    database = str(tmp_path / "retiring.sqlite")
+    a, b = gateways(A, database=database), gateways(B, apps=APPS_B)
+    federate([a, b])
+    carol, _dave, _queue, _device, _kps = await with_keys(a, 2, app="other", owner=b"carol", other=b"dave")
+    kp = claimed(await b.claim(carol, await b.register(b"bert"), domain=A, of=OTHER))
+    a.stop()
+    # other is no longer declared: retired
+    again = gateways(A, database=database, apps=[AppSpec("chat", CHAT), AppSpec("local", LOCAL, federate=False)])
+    federate([again, b])
+    alice = await again.register(b"alice")
+    refused(await again.api("GET", f"/apps/{CHAT}/clients", query={"tag": "account:carol", "app": OTHER}),
+            404, "not-found")
+    refused(await again.claim(carol, alice, of=OTHER), 404, "not-found")
+    response = await again.call("deliver-welcome", welcome_body(b"g", [ref_of(kp)]), origin=B)
+    assert (response.code, answer_json(response)["label"]) == (404, "not-found")
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_gateways_applications_are_rebuilt_field_by_field(pair, monkeypatch):
+    a, b, _network = pair
+
+    def answering(answer: Any) -> None:
+        async def list_apps(call: Any, body: Any) -> Any:
+            return answer
+        monkeypatch.setattr(b.gateway, "_rpc_list_apps", list_apps)
+
+    app = {"appId": CHAT_B, "name": "chat", "token": "secret",
+           "identityConfiguration": {"type": "basic", "parameters": {"roots": ["x"]}, "private": "y"}}
+    answering({"apps": [app], "more": True})
+    assert await a.ok("GET", "/apps", query={"domain": B}) == {"apps": [
+        {"appId": CHAT_B, "name": "chat", "identityConfiguration": {"type": "basic", "parameters": {"roots": ["x"]}}}]}
+    for bad in ({"apps": {}}, {"apps": [1]}, {"apps": [app] * 1001}, {"apps": [{**app, "appId": "chat"}]},
+                {"apps": [{**app, "name": "a\nb"}]}, {"apps": [{**app, "name": "n" * 129}]},
+                {"apps": [{k: v for k, v in app.items() if k != "name"}]},
+                {"apps": [{**app, "identityConfiguration": "basic"}]},
+                {"apps": [{**app, "identityConfiguration": {"parameters": {}}}]},
+                {"apps": [{**app, "identityConfiguration": {"type": "basic", "parameters": [1]}}]},
+                {"apps": [{**app, "identityConfiguration": {"type": "basic", "parameters": {"p": "x" * 20_000}}}]}):
+        answering(bad)
+        refused(await a.api("GET", "/apps", query={"domain": B}), 533, "federation-unexpected-body")

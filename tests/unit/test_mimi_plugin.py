@@ -53,12 +53,14 @@ def test_a_complete_configuration(folder, context):
     gateway = build_gateway(folder, context, {
         "plugin": "mimi-gateway", "admin_token_file": admin, "key_packages_per_upload": 1000,
         "key_packages_per_queue": 1, "tags_per_client": 7, "proposals_per_epoch": 10_000,
+        "claims_per_peer_per_queue": 5, "claim_ttl": 3600, "welcomes_per_client": 50,
         "apps": [app(folder), app(folder, id=OTHER, name="other", identity_provider="plain", federate=False,
                                   token_file=write_file(folder, "other.token", "other-token-0123456789"))],
     })
     assert isinstance(gateway, Gateway) and gateway.backend_domain == "a.example"
     assert gateway.limits == GatewayLimits(key_packages_per_upload=1000, key_packages_per_queue=1, tags_per_client=7,
-                                           proposals_per_epoch=10_000)
+                                           proposals_per_epoch=10_000, claims_per_peer_per_queue=5, claim_ttl=3600,
+                                           welcomes_per_client=50)
     assert gateway.admin_token_hash == token_hash(ADMIN)
     assert gateway._declared == (
         (CHAT, "chat", "simple", token_hash(TOKEN), True),
@@ -72,6 +74,8 @@ def test_a_complete_configuration(folder, context):
 def test_the_defaults(folder, context):
     gateway = build_gateway(folder, context, {"plugin": "mimi-gateway"})
     assert gateway.limits == GatewayLimits()
+    assert (gateway.limits.claims_per_peer_per_queue, gateway.limits.claim_ttl,
+            gateway.limits.welcomes_per_client) == (100, 7 * 24 * 3600, 1000)
     assert gateway.admin_token_hash is None and gateway._declared == ()
 
 
@@ -186,6 +190,12 @@ def test_the_admin_has_a_token_of_its_own(folder, context):
     ("proposals_per_epoch", 0, "must be at least 1, not 0"),
     ("proposals_per_epoch", 10_001, "must be at most 10000, not 10001"),
     ("proposals_per_epoch", "many", "must be an integer, not a string 'many'"),
+    ("claims_per_peer_per_queue", 0, "must be at least 1, not 0"),
+    ("claims_per_peer_per_queue", 100_001, "must be at most 100000, not 100001"),
+    ("claim_ttl", 59, "must be at least 60, not 59"),
+    ("claim_ttl", 365 * 24 * 3600 + 1, "must be at most 31536000, not 31536001"),
+    ("welcomes_per_client", 0, "must be at least 1, not 0"),
+    ("welcomes_per_client", 100_001, "must be at most 100000, not 100001"),
     ("tags_per_client", True, "must be an integer, not true or false True"),
     ("tags_per_client", 2.5, "must be an integer, not a number 2.5"),
 ])

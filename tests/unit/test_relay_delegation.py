@@ -87,7 +87,7 @@ def test_a_peer_outside_the_list_is_refused():
     assert brig.calls == []
 
 
-def test_a_relayed_call_needs_the_hub_to_delegate_unless_the_origin_is_trusted():
+def test_a_relayed_call_needs_the_hub_to_delegate():
     without = authorizer({"fingerprint": HUB, "label": "hub"})
     pipeline, brig = receiver(without, hub_peer())
     error = labelled_failure(relayed(pipeline, [(ORIGIN, CEE), (HOPS, "1")]), "federation-denied")
@@ -96,12 +96,33 @@ def test_a_relayed_call_needs_the_hub_to_delegate_unless_the_origin_is_trusted()
     with_delegate = authorizer({"fingerprint": HUB, "delegate": True})
     pipeline, brig = receiver(with_delegate, hub_peer())
     assert success_result_of(relayed(pipeline, [(ORIGIN, CEE), (HOPS, "1")])).code == 200
-
     colons = ":".join(CEE[i:i + 2] for i in range(0, 64, 2))
-    origin_trusted = authorizer({"fingerprint": HUB}, {"fingerprint": colons})
+    assert success_result_of(relayed(pipeline, [(ORIGIN, colons.upper()), (HOPS, "1"),
+                                                (ORIGIN_DOMAIN, "c.example")])).code == 200
+    assert len(brig.calls) == 2
+
+
+def test_a_peer_that_is_no_delegate_cannot_impersonate_a_trusted_origin():
+    # the origin is trusted, but the claim is the sender's: a non-delegate naming it is refused, whatever it names
+    origin_trusted = authorizer({"fingerprint": HUB, "label": "hub"}, {"fingerprint": CEE, "label": "c"})
     pipeline, brig = receiver(origin_trusted, hub_peer())
-    assert success_result_of(relayed(pipeline, [(ORIGIN, CEE.upper()), (HOPS, "1")])).code == 200
-    assert len(brig.calls) == 1
+    for headers in ([(ORIGIN, CEE), (HOPS, "1")], [(ORIGIN, CEE), (HOPS, "1"), (ORIGIN_DOMAIN, "c.example")],
+                    [(ORIGIN_DOMAIN, "c.example")], [(HOPS, "1")]):
+        error = labelled_failure(relayed(pipeline, headers), "federation-denied")
+        assert "sent relay headers" in error.message and "not trusted with delegate = true" in error.message
+        assert "hub" in error.message
+    assert brig.calls == []
+    # without relay headers the same peer is welcome
+    assert success_result_of(relayed(pipeline, [])).code == 200
+
+
+@pytest.mark.parametrize("domain", ["", "C.Example", "c.example, d.example", "-c.example", "c..example"])
+def test_the_origin_domain_must_be_a_domain_name(domain):
+    pipeline, brig = receiver(authorizer({"fingerprint": HUB, "delegate": True}), hub_peer())
+    error = labelled_failure(relayed(pipeline, [(ORIGIN, CEE), (HOPS, "1"), (ORIGIN_DOMAIN, domain)]),
+                             "federation-denied")
+    assert "Fedserver-Relay-Origin-Domain must be a domain name" in error.message
+    assert brig.calls == []
 
 
 @pytest.mark.parametrize(
@@ -112,6 +133,7 @@ def test_a_relayed_call_needs_the_hub_to_delegate_unless_the_origin_is_trusted()
         ([(ORIGIN, CEE)], "must be a number of hubs"),
         ([(ORIGIN, "not-a-fingerprint"), (HOPS, "1")], "is not a certificate fingerprint"),
         ([(HOPS, "1")], "came without Fedserver-Relay-Origin"),
+        ([(ORIGIN_DOMAIN, "c.example")], "came without Fedserver-Relay-Origin"),
     ],
 )
 def test_bad_relay_headers_are_refused(headers, message):
@@ -185,6 +207,65 @@ def test_an_asserted_origin_is_refused_by_a_hub_without_delegated_trust():
     forged = hub_call([(TO, "a.example"), (TO_COMPONENT, "brig"), (ORIGIN, DEE), (HOPS, "1")])
     assert "already relayed" in labelled_failure(forward.handle(forged), "federation-denied").message
     assert recorder.calls == []
+
+
+@pytest.mark.parametrize("headers", [
+    [(ORIGIN, DEE), (HOPS, "1")],
+    [(ORIGIN, DEE), (HOPS, "1"), (ORIGIN_DOMAIN, "d.example")],
+    [(ORIGIN_DOMAIN, "d.example")],
+    [(HOPS, "1")],
+])
+def test_the_hub_believes_relay_headers_only_from_a_delegate(headers):
+    # the hub runs delegated-trust, and trusts the caller CEE, but not with delegate = true: what it claims
+    # about an origin is not believed (before, any DelegatedTrust authorizer was enough)
+    forward, recorder = hub(max_hops=3, authorizers=[
+        authorizer({"fingerprint": CEE, "label": "c"}, {"fingerprint": DEE, "label": "d"}),
+    ])
+    call = hub_call([(TO, "a.example"), (TO_COMPONENT, "brig"), *headers])
+    error = labelled_failure(forward.handle(call), "federation-denied")
+    assert "already relayed" in error.message and "delegate = true" in error.message
+    assert recorder.calls == []
+
+
+def test_the_hub_checks_the_relay_headers_of_a_delegate():
+    forward, recorder = hub(max_hops=3, authorizers=[authorizer({"fingerprint": HUB, "delegate": True})])
+    peer = Peer(identities={"fed.g.example"}, claimed_domain="g.example", fingerprint=HUB)
+    for headers, message in (
+        ([(ORIGIN, "nonsense"), (HOPS, "1")], "is not a certificate fingerprint"),
+        ([(ORIGIN, CEE), (HOPS, "x")], "must be a number of hubs"),
+        ([(ORIGIN, CEE), (HOPS, "1"), (ORIGIN_DOMAIN, "Not A Domain")], "must be a domain name"),
+        ([(HOPS, "1")], "came without Fedserver-Relay-Origin"),
+    ):
+        call = hub_call([(TO, "a.example"), (TO_COMPONENT, "brig"), *headers], peer)
+        assert message in labelled_failure(forward.handle(call), "federation-denied").message
+    assert recorder.calls == []
+
+
+def test_the_hub_relays_only_to_the_components_it_lists():
+    context: Context = context_for("h.example", store=None)
+    context.authorizers = []
+    forward = build_plugin(delegation, "component",
+                           options("components.relay", plugin="relay-forward", components=["brig"]), context)
+    recorder = RecordingPipeline(FakeComponent().answer)
+    context.pipeline = recorder  # type: ignore[assignment]
+    error = labelled_failure(forward.handle(hub_call([(TO, "a.example"), (TO_COMPONENT, "galley")])),
+                             "federation-denied")
+    assert "does not relay to the component 'galley'" in error.message and "brig" in error.message
+    assert recorder.calls == []
+    success_result_of(forward.handle(hub_call([(TO, "a.example"), (TO_COMPONENT, "brig")])))
+    assert [call.component for call in recorder.calls] == ["brig"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ([], "lists no component"),
+    (["brig", "no/slash"], "is not a component name"),
+    ("brig", "components"),
+])
+def test_the_components_option_is_checked(value, message):
+    context: Context = context_for("h.example", store=None)
+    with pytest.raises(ConfigError, match=message):
+        build_plugin(delegation, "component",
+                     options("components.relay", plugin="relay-forward", components=value), context)
 
 
 def test_a_call_relayed_again_keeps_its_origin_and_counts_the_hop():

@@ -95,7 +95,7 @@ def test_join_with_the_right_token(port):
 ])
 def test_join_with_a_wrong_token_or_an_unknown_room(port, room, token):
     port.datagramReceived(join_datagram(room, token), ALICE)
-    assert sent(port) == [(error("unknown room or wrong token"), ALICE)]
+    assert sent(port) == []  # ALICE has not joined: it is not answered
     assert port.count == 0 and port.rooms() == frozenset()
     assert port.mesh.announced == 0 and port.refused == 1
 
@@ -122,8 +122,12 @@ def test_joining_another_room_leaves_the_first(port):
 ])
 def test_a_malformed_join(port, body, reason):
     port.datagramReceived(bytes((VERSION, JOIN)) + body, ALICE)
-    assert sent(port) == [(error(reason), ALICE)]
-    assert port.count == 0
+    assert sent(port) == [] and port.count == 0 and port.refused == 1
+    # a participant is told
+    joined(port, BOB)
+    port.datagramReceived(bytes((VERSION, JOIN)) + body, BOB)
+    assert sent(port) == [(error(reason), BOB)]
+    assert port.rooms() == {STANDUP}
 
 
 def test_join_datagram_checks_the_name():
@@ -137,7 +141,7 @@ def test_participants_are_limited(port, monkeypatch):
     monkeypatch.setattr("fedserver_relay.participants.MAX_PARTICIPANTS", 1)
     joined(port, ALICE)
     port.datagramReceived(join_datagram("standup", TOKEN), BOB)
-    assert sent(port) == [(error("this relay has no room for more participants"), BOB)]
+    assert sent(port) == [] and port.count == 1 and port.refused == 1
     # one already in may change rooms
     joined(port, ALICE, "retro", "another token of 16")
 
@@ -154,7 +158,7 @@ def test_media_goes_to_the_mesh(port):
 
 def test_media_before_join(port):
     port.datagramReceived(media_datagram(b"opus"), ALICE)
-    assert sent(port) == [(error("join a room first"), ALICE)]
+    assert sent(port) == []
     assert port.mesh.media == [] and port.refused == 1
 
 
@@ -187,7 +191,37 @@ def test_datagrams_that_are_not_version_1_are_ignored(port, data):
 
 def test_an_unknown_type(port):
     port.datagramReceived(bytes((VERSION, 0x42)), ALICE)
+    assert sent(port) == [] and port.refused == 1
+    joined(port, ALICE)
+    port.datagramReceived(bytes((VERSION, 0x42)), ALICE)
     assert sent(port) == [(error("unknown datagram type 66"), ALICE)]
+
+
+def test_an_address_that_has_not_joined_is_never_answered(port, clock):
+    # its source may be forged: an answer would go to whoever the sender named
+    for data in (join_datagram("standup", "wrong token 0123456"), join_datagram("nowhere", TOKEN),
+                 bytes((VERSION, JOIN)), media_datagram(b"opus"), bytes((VERSION, 0x42)), b"\x02\x01"):
+        port.datagramReceived(data, CAROL)
+    assert sent(port) == []
+    assert port.refused == 6 and port.count == 0
+
+
+def test_refusals_are_logged_now_and_then_with_the_count(port, clock):
+    from twisted.logger import capturedLogs
+
+    from fedserver_relay.participants import LOG_EVERY
+
+    with capturedLogs() as events:
+        for i in range(50):
+            port.datagramReceived(join_datagram("standup", f"wrong token {i:08}"), ("203.0.113.7", 1000 + i))
+        clock.advance(LOG_EVERY)
+        port.datagramReceived(media_datagram(b"opus"), ALICE)
+    logged = [e for e in events if "refused a participant" in e["log_format"]]
+    assert [(e["count"], e["address"], e["reason"]) for e in logged] == [
+        (1, ("203.0.113.7", 1000), "unknown room or wrong token"),
+        (51, ALICE, "join a room first"),
+    ]
+    assert port.refused == 51
 
 
 # delivery
@@ -238,8 +272,9 @@ def test_leave(port):
     # leaving again, or never having joined, changes nothing
     port.datagramReceived(bytes((VERSION, LEAVE)), BOB)
     assert port.mesh.announced == 4 and sent(port) == []
+    # one that left is not answered any more
     port.datagramReceived(media_datagram(b"opus"), ALICE)
-    assert sent(port) == [(error("join a room first"), ALICE)]
+    assert sent(port) == [] and port.refused == 1
 
 
 def test_the_silent_are_forgotten(port, clock):

@@ -171,11 +171,12 @@ def test_the_status_route(config_file, own_fingerprint):
         "counters": {
             "accepted": {"Relay B": 1},
             "dropped": {"unknown-origin": {"Relay B": 1}, "no-delegation": {}, "ttl-exhausted": {},
-                        "duplicate": {}, "rate-limited": {}, "replayed": {}, "malformed": {}},
+                        "duplicate": {}, "rate-limited": {}, "replayed": {}, "malformed": {}, "congested": {}},
             "originated": 0, "delivered": 0, "forwarded": 0,
         },
         "participants": 0,
         "refusedHandshakes": {},
+        "refusedHandshakesTotal": 0,
         "unknownDatagrams": 0,
     }
     assert short_id(own_fingerprint) == relay.mesh.origin

@@ -21,6 +21,7 @@ from fedserver.errors import FederationError
 from fedserver.values import Response
 from fedserver.web import (
     ErrorResource,
+    FederationSite,
     ListenerRoot,
     body_of,
     request_id_from,
@@ -375,3 +376,148 @@ def test_a_form_encoded_body_stays_a_body_and_the_content_type_is_kept():
                  headers=[(b"Content-Type", b"application/x-www-form-urlencoded")])
     assert conn.answer().code == 200
     assert seen == {"args": {}, "content-type": b"application/x-www-form-urlencoded", "body": b"handle=alice"}
+
+
+# slow peers: the header and body deadlines of FederationChannel
+
+
+def slow_site(root=None, *, header_timeout=10.0, body_timeout=60.0, idle_timeout=60.0):
+    """A site with all three timeouts on a L{Clock}; returns the connection, the root and the clock."""
+    root = root if root is not None else Echo()
+    clock = Clock()
+    site = FederationSite(root, max_body_bytes=1000, reactor=clock, timeout=idle_timeout,
+                          header_timeout=header_timeout, body_timeout=body_timeout)
+    return HTTPConnection.to(site), root, clock
+
+
+def trickle(conn, clock, data, every):
+    """Send C{data} a byte at a time, C{every} seconds apart, while the connection lasts."""
+    for i in range(len(data)):
+        if conn.transport.disconnected:
+            return
+        conn.send(data[i:i + 1])
+        clock.advance(every)
+
+
+HEAD = b"POST /x HTTP/1.1\r\nHost: b\r\nContent-Length: 5\r\nX-Padding: " + b"p" * 40 + b"\r\n\r\n"
+
+
+def test_headers_trickling_in_are_cut_off_at_the_header_deadline():
+    conn, root, clock = slow_site()
+    with capturedLogs() as events:
+        # a byte every 2 s: the idle timeout (60 s) never fires, the header deadline does
+        trickle(conn, clock, HEAD, every=2.0)
+    assert conn.transport.disconnected
+    assert conn.transport.value() == b""  # nothing is answered: nothing was dispatched
+    assert root.bodies == []
+    assert clock.seconds() == 10.0  # 10 s after the first byte, though bytes kept coming
+    (line,) = [e for e in events if e.get("key") == "header_timeout"]
+    assert line["log_namespace"] == "fedserver.web"
+    assert line["what"] == "the request line and headers" and line["seconds"] == 10.0
+    assert line["peer"] == "127.0.0.1:40000"
+
+
+def test_a_request_line_alone_trickling_in_is_cut_off_too():
+    # no Request exists before the request line ends: the deadline is the channel's
+    conn, _, clock = slow_site(header_timeout=3.0)
+    with capturedLogs():
+        trickle(conn, clock, b"POST /" + b"a" * 100, every=0.5)
+    assert conn.transport.disconnected and clock.seconds() == 3.0
+
+
+def test_headers_in_time_leave_no_deadline_behind():
+    conn, root, clock = slow_site()
+    trickle(conn, clock, HEAD, every=0.1)
+    conn.send(b"hello")
+    assert conn.answer().body == b"hello"
+    assert root.bodies == [b"hello"]
+    clock.advance(59)  # only the idle timeout is left, and it starts anew after the answer
+    assert not conn.transport.disconnected and not conn.transport.disconnecting
+
+
+def test_a_body_trickling_in_is_cut_off_at_the_body_deadline():
+    conn, root, clock = slow_site(body_timeout=20.0)
+    conn.send(b"POST /x HTTP/1.1\r\nHost: b\r\nContent-Length: 100\r\n\r\n")
+    with capturedLogs() as events:
+        trickle(conn, clock, b"x" * 100, every=1.0)
+    assert conn.transport.disconnected and clock.seconds() == 20.0
+    assert root.bodies == [] and conn.transport.value() == b""
+    (line,) = [e for e in events if e.get("key") == "body_timeout"]
+    assert line["what"] == "the request body"
+
+
+def test_a_chunked_body_trickling_in_is_cut_off_at_the_body_deadline():
+    conn, root, clock = slow_site(body_timeout=5.0)
+    conn.send(b"POST /x HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n")
+    with capturedLogs():
+        trickle(conn, clock, b"1\r\nx\r\n" * 20 + b"0\r\n\r\n", every=0.5)
+    assert conn.transport.disconnected and clock.seconds() == 5.0
+    assert root.bodies == []
+
+
+def test_a_body_in_time_is_answered():
+    conn, _, clock = slow_site(body_timeout=5.0)
+    conn.send(b"POST /x HTTP/1.1\r\nHost: b\r\nContent-Length: 4\r\n\r\n")
+    trickle(conn, clock, b"abcd", every=1.0)
+    assert conn.answer().body == b"abcd"
+    clock.advance(10)
+    assert not conn.transport.disconnected
+
+
+def test_each_request_of_a_kept_alive_connection_has_its_own_header_deadline():
+    conn, root, clock = slow_site(header_timeout=3.0)
+    conn.request(b"POST", b"/x", b"one")
+    clock.advance(50)  # idle between requests: only the idle timeout (60 s) counts here
+    assert not conn.transport.disconnected
+    with capturedLogs():
+        trickle(conn, clock, HEAD, every=1.0)
+    assert root.bodies == [b"one"]
+    assert conn.transport.disconnected and clock.seconds() == 53.0
+
+
+def test_a_partial_next_request_sent_while_one_is_answered_gets_the_deadline():
+    pending: List[Deferred] = []
+
+    class Slow(resource.Resource):
+        isLeaf = True
+
+        def render_POST(self, request):
+            d: Deferred = Deferred()
+            d.addCallback(lambda _: (request.write(b"done"), request.finish()))
+            pending.append(d)
+            return server.NOT_DONE_YET
+
+    conn, _, clock = slow_site(Slow(), header_timeout=3.0)
+    conn.send(b"POST /x HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\nPOST /x HTT")
+    clock.advance(30)  # answering takes long; the half request waits, with no deadline yet
+    assert not conn.transport.disconnected
+    pending[0].callback(None)
+    clock.advance(2.9)
+    assert not conn.transport.disconnected
+    with capturedLogs():
+        clock.advance(0.1)
+    assert conn.transport.disconnected
+
+
+def test_a_refused_body_starts_no_body_deadline():
+    conn, _, clock = slow_site(body_timeout=1.0)
+    with capturedLogs():
+        conn.send(b"POST /x HTTP/1.1\r\nHost: b\r\nContent-Length: 5000\r\n\r\n")
+    assert conn.answer().code == 413
+    # the refusal closes the connection itself (and cuts it after 2 s), not the body deadline
+    with capturedLogs() as events:
+        clock.advance(1.5)
+    assert not [e for e in events if e.get("key") == "body_timeout"]
+
+
+def test_without_deadlines_only_the_idle_timeout_counts():
+    conn, _, clock = slow_site(header_timeout=None, body_timeout=None)
+    trickle(conn, clock, HEAD[:30], every=30.0)
+    assert not conn.transport.disconnected
+
+
+def test_the_connection_lost_cancels_the_deadline():
+    conn, _, clock = slow_site()
+    conn.send(b"POST /x HT")
+    conn.close()
+    assert clock.getDelayedCalls() == [] or all(not c.active() for c in clock.getDelayedCalls())

@@ -24,6 +24,7 @@ from tests.unit.wire_helpers import (
     answer_json,
     backend_factory,
     bounded,
+    eventually,
     ok,
     qid,
     refusal,
@@ -351,16 +352,32 @@ async def test_send_message_refusals(backends, pipeline):
 async def test_send_message_reports_backends_that_could_not_be_told(backends, pipeline):
     a = backends(pipeline=pipeline)
     setup = await owned(a, pipeline)
-    pipeline.answer(B, "galley", "on-message-sent", ok())
+    # b refuses for good; c is down, and is told once it is back
+    pipeline.answer(B, "galley", "on-message-sent", json_response(
+        404, {"code": 404, "label": "no-conversation", "message": "no"}))
     pipeline.answer(C, "galley", "on-message-sent", FederationError("c is down", "federation-connection-refused"))
     response = await a.call("galley", "send-message",
                             {"conversation": setup["conversation"]["id"], "sender": BOB, "text": "hi"}, origin=B)
     answer = answer_json(response)
     assert response.code == 200
     [failed] = answer["failed_to_send"]
-    assert (failed["domain"], failed["users"]) == (C, [CAROL])
-    assert failed["error"]["label"] == "federation-connection-refused"
-    assert failed["error"]["data"]["path"] == "/federation/galley/on-message-sent"
+    assert (failed["domain"], failed["users"]) == (B, [BEA])
+    assert (failed["error"]["label"], failed["error"]["inner"]["label"]) == ("federation-remote-error",
+                                                                             "no-conversation")
+    [queued] = answer["queued"]
+    assert (queued["domain"], queued["users"]) == (C, [CAROL])
+    assert queued["error"]["label"] == "federation-connection-refused"
+    assert queued["error"]["data"]["path"] == "/federation/galley/on-message-sent"
+    # the queue tries c again at the end of its backoff, with the same idempotency key
+    pipeline.answer(C, "galley", "on-message-sent", ok())
+    await eventually(lambda: len(pipeline.bodies("on-message-sent")) == 3, clock=a.clock, what="the retry to c")
+    to_c = [c for c in pipeline.calls if c.rpc == "on-message-sent" and c.target_domain == C]
+    keys = {c.header("Fedserver-Idempotency-Key") for c in to_c}
+    assert len(to_c) == 2 and len(keys) == 1 and None not in keys
+    assert to_c[0].body == to_c[1].body
+    await bounded(a.context.queue.idle())
+    state = await a.context.queue.describe(C)
+    assert (state["depth"], state["failures"]) == (0, 0)
 
 
 # leave-conversation
@@ -464,7 +481,7 @@ async def test_sending_to_a_remote_conversation_goes_to_its_owner(backends, pipe
                     "failed_to_send": [{"domain": C, "users": [CAROL], "error": {"label": "x"}}]}
     pipeline.answer(B, "galley", "send-message", ok(owner_answer))
     answer = await bounded(a.galley.send_message(QualifiedId(B, CONV_B["id"]), uid(alice), "hi", "r"))
-    assert answer == owner_answer
+    assert answer == {**owner_answer, "queued": []}
     assert pipeline.bodies("send-message") == [(B, {"conversation": CONV_B["id"], "sender": qid(alice),
                                                     "text": "hi"})]
     for bad in [{"message": {}}, {"failed_to_send": []}, []]:

@@ -23,10 +23,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from fedserver.config import Options, parse_config
+from fedserver.config import Options, QueueSettings, parse_config
 from fedserver.context import Context
 from fedserver.errors import AuthenticationFailure, DiscoveryFailure, FederationError
+from fedserver.idempotency import Deduplicator
 from fedserver.interfaces import IAuthenticator
+from fedserver.outbound_queue import OutboundQueue
 from fedserver.pipeline import Pipeline
 from fedserver.storage import Store
 from fedserver.values import FederatedCall, InboundRequest, OutboundRequest, Peer, Response, Target
@@ -47,6 +49,30 @@ def bounded(d: Deferred) -> Deferred:
     return d.addTimeout(BOUND, reactor)
 
 
+async def eventually(check: Callable[[], Any], *, clock: Optional[Clock] = None, step: float = 1.0,
+                     what: str = "the condition") -> None:
+    """
+    Wait, for at most L{BOUND} seconds of the real reactor (whose threads
+    run the store), until C{check()} (or the coroutine it returns) is true;
+    with C{clock}, advance it by C{step} seconds each round (backoffs and
+    polls of an outbound queue on that clock run).
+    """
+    from twisted.internet import reactor, task
+
+    deadline = reactor.seconds() + BOUND
+    while True:
+        value = check()
+        if hasattr(value, "__await__"):
+            value = await value
+        if value:
+            return
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{what} did not come true within {BOUND} s")
+        if clock is not None:
+            clock.advance(step)
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
 def answer_json(response: Response) -> Any:
     """The decoded JSON body of C{response}."""
     assert response.header("Content-Type") == "application/json", response
@@ -65,6 +91,37 @@ def refusal(response: Response, code: int, label: str) -> Dict[str, Any]:
 def wire_options(name: str, **values: Any) -> Options:
     """The table C{[components.NAME]} with C{values}."""
     return Options(values, file="/etc/fedserver.toml", path=f"components.{name}", base_dir="/etc", name=name)
+
+
+def with_queue(context: Context) -> Context:
+    """
+    Give C{context} fedserver's durable outbound queue (C{context.queue})
+    and the deduplicator of keyed inbound calls (C{plugin_state
+    ["deduplicator"]}, which L{federate} puts in the pipeline), on its store
+    and clock, as C{build_service} does; before the store is migrated.
+    L{start_queue} starts both once the store runs.
+    """
+    context.queue = OutboundQueue(
+        context.storage, lambda: context.pipeline, backend_domain=context.backend_domain, settings=QueueSettings(),
+        clock=context.reactor, worker_id=f"test/{context.backend_domain}", delivery_timeout=BOUND,
+        rand=lambda: 0.5,
+    )
+    context.plugin_state["deduplicator"] = Deduplicator(context.storage, clock=context.reactor,
+                                                        ttl=QueueSettings().dedup_ttl, pending_timeout=BOUND)
+    return context
+
+
+def start_queue(context: Context) -> None:
+    """Start what L{with_queue} gave C{context} (its store runs)."""
+    context.queue.startService()
+    context.plugin_state["deduplicator"].startService()
+
+
+def stop_queue(context: Context) -> None:
+    """Stop what L{with_queue} gave C{context}, before its store."""
+    if context.queue is not None and context.queue.running:
+        context.queue.stopService()
+        context.plugin_state["deduplicator"].stopService()
 
 
 def context_for(domain: str, store: Any, clock: Any = None) -> Context:
@@ -144,6 +201,7 @@ class Backend:
         return answer_json(response)
 
     def stop(self) -> None:
+        stop_queue(self.context)
         self.store.stopService()
 
 
@@ -156,13 +214,14 @@ def make_backend(tmp_path: Any, domain: str, pipeline: Any = None, *, clock: Any
     from twisted.internet import reactor
 
     store = Store(f"sqlite:{tmp_path / (domain + '.sqlite')}", reactor=reactor)
-    context = context_for(domain, store, clock)
+    context = with_queue(context_for(domain, store, clock))
     brig_component = build_plugin(reference, "component", wire_options("brig", plugin="wire-brig", **brig), context)
     galley_component = build_plugin(reference, "component", wire_options("galley", plugin="wire-galley"), context)
     context.components = {"brig": brig_component, "galley": galley_component}
     context.pipeline = pipeline
     store.migrate()
     store.startService()
+    start_queue(context)
     return Backend(domain, store, context, brig_component, galley_component, WireAPI(brig_component, galley_component))
 
 
@@ -290,6 +349,10 @@ def federate(backends: Sequence[Federable], *, denied: Optional[Mapping[str, boo
             client=network,  # type: ignore[arg-type]
         )
         backend.context.pipeline = pipeline
+        # as build_service: keyed calls run once, and a backend heard from again gets its queue retried
+        pipeline.deduplicator = backend.context.plugin_state.get("deduplicator")
+        if backend.context.queue is not None:
+            pipeline.observers.append(backend.context.queue.observe)
         network.pipelines[f"fed.{backend.domain}"] = pipeline
     return network
 
