@@ -36,36 +36,37 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import http.client
 import json
 import os
 import pstats
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from run import (
-    WRK_INSTALL,
     WRK_TIMEOUT,
     Processes,
     ScenarioError,
+    add_output_arguments,
     cpu_seconds,
     finish,
     free_port,
     interrupted_exit,
     machine,
+    not_installed,
+    now,
     peak_rss_mb,
     run_wrk,
     start_fedserver,
+    start_work,
     wind_down,
+    wrk_missing,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -552,10 +553,6 @@ def report(document: Dict[str, Any]) -> str:
 
 # the command
 
-def _interrupted(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10, help="seconds of wrk load per key server (default 10)")
@@ -568,8 +565,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--synapse-python", metavar="PATH",
                         help="the Python of a virtualenv with Synapse (default: the interop tests' cached one)")
     parser.add_argument("--profile", action="store_true", help="profile the fedserver verification loop anyway")
-    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs) afterwards")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if (args.seconds <= 0 or args.warmup < 0 or args.threads < 1 or args.connections < args.threads
             or args.objects < 3 or args.rounds < 1):
@@ -581,19 +577,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     parts = args.only or list(PARTS)
-    if "keyserver" in parts and shutil.which("wrk") is None:
-        print(f"bench: wrk is not installed; install it with:\n  {WRK_INSTALL}", file=sys.stderr)
+    if "keyserver" in parts and wrk_missing():
         return 2
     try:
         import fedserver_matrix.authenticator  # noqa: F401 - both parts need it
     except ImportError as e:
-        print(f"bench: {sys.executable} cannot import fedserver_matrix ({e}): run this with the Python fedserver "
-              "is installed in (for example .venv/bin/python bench/matrix.py)", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, _interrupted)
+        return not_installed("fedserver_matrix", e, "matrix.py")
 
-    workdir = tempfile.mkdtemp(prefix="fedserver-matrix-bench-")
-    processes = Processes(workdir)
+    workdir, processes = start_work("fedserver-matrix-bench-")
     servers: Optional[KeyServers] = None
     document: Dict[str, Any] = {}
     interrupted = False
@@ -624,7 +615,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     synapse_python_used = servers.synapse_python if servers is not None else None
     document = {
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "when": now(),
         "machine": machine() if shutil.which("wrk") else {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "software": {
             **{name: metadata.version(name) for name in ("Twisted", "pyOpenSSL", "signedjson", "canonicaljson",

@@ -56,41 +56,43 @@ import argparse
 import base64
 import collections
 import concurrent.futures
-import datetime
 import http.client
 import json
 import os
 import secrets
-import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from importlib import metadata
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from run import (
-    WRK_INSTALL,
     WRK_TIMEOUT,
     Processes,
     ScenarioError,
+    add_output_arguments,
+    baseline_env,
+    check_baseline,
     cpu_seconds,
     finish,
     finish_profile,
     free_port,
     interrupted_exit,
     machine,
+    not_installed,
+    now,
     peak_rss_mb,
+    py_spy_missing,
     record_profile,
     run_wrk,
     start_fedserver,
+    start_work,
     wind_down,
+    wrk_missing,
 )
 
-BIN = os.path.dirname(sys.executable)
 BACKEND, INFRA = "b.example", "fed.b.example"
 APP_ID = "0b5e2c1e-6a47-4d1c-9a3e-5f4c8d2b7a10"
 #: the queue the target client's KeyPackages go to
@@ -652,10 +654,6 @@ def ratios(gateways: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
 
 # the command
 
-def _interrupted(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10, help="seconds of load per scenario (default 10)")
@@ -673,36 +671,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--baseline", metavar="DIR",
                         help="also run every scenario on a gateway started from the source tree DIR (with "
                              "fedserver/ and plugins/), alternating with this one")
-    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs) afterwards")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.warmup < 0 or args.threads < 1 or args.connections < args.threads:
         parser.error("need --duration > 0, --warmup >= 0 and --connections >= --threads >= 1")
     if not 100 <= args.key_packages <= 100_000:
         parser.error("--key-packages must be between 100 and 100000")
-    if args.baseline and not all(os.path.isdir(os.path.join(args.baseline, d)) for d in ("fedserver", "plugins")):
-        parser.error(f"--baseline {args.baseline} has no fedserver/ and plugins/")
+    check_baseline(parser, args)
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if shutil.which("wrk") is None:
-        print(f"bench: wrk is not installed; install it with:\n  {WRK_INSTALL}", file=sys.stderr)
+    if wrk_missing():
         return 2
-    if args.profile and not os.path.exists(os.path.join(BIN, "py-spy")):
-        print(f"bench: --profile needs py-spy next to {sys.executable} (pip install py-spy)", file=sys.stderr)
+    if args.profile and py_spy_missing():
         return 2
     try:
         import fedserver_mimi.encode  # noqa: F401 - the KeyPackages are made with it
     except ImportError as e:
-        print(f"bench: {sys.executable} cannot import fedserver_mimi ({e}): run this with the Python fedserver "
-              "is installed in (for example .venv/bin/python bench/mimi.py)", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, _interrupted)
+        return not_installed("fedserver_mimi", e, "mimi.py")
 
-    workdir = tempfile.mkdtemp(prefix="fedserver-mimi-bench-")
-    processes = Processes(workdir)
+    workdir, processes = start_work("fedserver-mimi-bench-")
     gateways: Dict[str, Dict[str, Any]] = {}
     document: Dict[str, Any] = {}
     interrupted = False
@@ -714,11 +704,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         running: Dict[str, Gateway] = {}
         sources: Dict[str, Tuple[str, Optional[Dict[str, str]]]] = {"fedserver": ("installed", None)}
         if args.baseline:
-            base = os.path.abspath(args.baseline)
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join([base, os.path.join(base, "plugins"),
-                                                 *filter(None, [os.environ.get("PYTHONPATH")])])
-            sources["baseline"] = (base, env)
+            sources["baseline"] = (os.path.abspath(args.baseline), baseline_env(args.baseline))
         for label, (source, env) in sources.items():
             print(f"bench: {label}: starting, uploading KeyPackages, registering receivers...", file=sys.stderr,
                   flush=True)
@@ -752,7 +738,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return interrupted_exit(workdir)
     failed = any("error" in g or any("error" in r for r in g["scenarios"].values()) for g in gateways.values())
     document = {
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "when": now(),
         "machine": machine(),
         "software": {name: metadata.version(name) for name in ("Twisted", "PyNaCl")},
         "sqlite": sqlite3.sqlite_version,

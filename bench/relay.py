@@ -57,16 +57,13 @@ Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import selectors
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -76,19 +73,25 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from run import (
     Processes,
     ScenarioError,
+    add_output_arguments,
+    baseline_env,
+    check_baseline,
     cpu_seconds,
     finish,
     finish_profile,
     free_port,
     interrupted_exit,
     machine,
+    not_installed,
+    now,
+    py_spy_missing,
     record_profile,
     start_fedserver,
+    start_work,
     wind_down,
 )
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-BIN = os.path.dirname(sys.executable)
 
 #: the issue's goal: relay frames/s at least this much of the plain chain's
 MIN_RATIO = 0.5
@@ -353,9 +356,7 @@ class Bench:
         self.trios = {"relay": Trio("relay", None, fedserver_relay.settings.__file__)}
         if args.baseline:
             base = os.path.abspath(args.baseline)
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join([base, os.path.join(base, "plugins"),
-                                                 *filter(None, [os.environ.get("PYTHONPATH")])])
+            env = baseline_env(base)
             self.trios["baseline"] = Trio("baseline", env, os.path.join(base, "plugins", "fedserver_relay",
                                                                         "settings.py"))
 
@@ -693,10 +694,6 @@ def added_latency(latency: Dict[str, Any]) -> Dict[str, Any]:
 
 # the command
 
-def _interrupted(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step-seconds", type=float, default=3, help="seconds of each throughput step (default 3)")
@@ -719,8 +716,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="after the ladders, record the three relays with py-spy during one step at the relay "
                              "path's best rate, and print where the time went")
-    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs) afterwards")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.step_seconds <= 0 or args.latency_seconds < 1 or args.latency_rate <= 0 or args.rounds < 1:
         parser.error("need --step-seconds > 0, --latency-seconds >= 1, --latency-rate > 0, --rounds >= 1")
@@ -728,8 +724,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--payload must be 20 to 1171 bytes")
     if not 0 < args.start_rate <= args.max_rate:
         parser.error("need 0 < --start-rate <= --max-rate")
-    if args.baseline and not all(os.path.isdir(os.path.join(args.baseline, d)) for d in ("fedserver", "plugins")):
-        parser.error(f"--baseline {args.baseline} has no fedserver/ and plugins/")
+    check_baseline(parser, args)
     if not args.baseline and any(name.startswith("baseline") for name in args.ladder or ()):
         parser.error("the baseline paths need --baseline DIR")
     args.ladder = args.ladder or ["relay", "plain", *(["baseline"] if args.baseline else [])]
@@ -738,20 +733,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if args.profile and not os.path.exists(os.path.join(BIN, "py-spy")):
-        print(f"bench: --profile needs py-spy next to {sys.executable} (pip install py-spy)", file=sys.stderr)
+    if args.profile and py_spy_missing():
         return 2
     try:
         import fedserver.pki  # noqa: F401 - the certificates are made with it
         import fedserver_relay  # noqa: F401
     except ImportError as e:
-        print(f"bench: {sys.executable} cannot import fedserver or fedserver_relay ({e}): run this with the Python "
-              "fedserver is installed in (for example .venv/bin/python bench/relay.py)", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, _interrupted)
+        return not_installed("fedserver or fedserver_relay", e, "relay.py")
 
-    workdir = tempfile.mkdtemp(prefix="fedserver-relay-bench-")
-    processes = Processes(workdir)
+    workdir, processes = start_work("fedserver-relay-bench-")
     document: Dict[str, Any] = {}
     failed = False
     interrupted = False
@@ -820,7 +810,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return interrupted_exit(workdir)
 
     document = {
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "when": now(),
         "machine": machine(wrk=False),
         "software": {name: metadata.version(name) for name in ("Twisted", "cryptography", "pyOpenSSL", "attrs")},
         "settings": {"payload": args.payload, "step_seconds": args.step_seconds, "start_rate": args.start_rate,

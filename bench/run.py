@@ -571,6 +571,65 @@ def _interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The C{--json} and C{--keep} options every benchmark has (see L{finish})."""
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs) afterwards")
+
+
+def check_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a C{--baseline DIR} that is not a source tree with C{fedserver/} and C{plugins/}."""
+    if args.baseline and not all(os.path.isdir(os.path.join(args.baseline, d)) for d in ("fedserver", "plugins")):
+        parser.error(f"--baseline {args.baseline} has no fedserver/ and plugins/")
+
+
+def baseline_env(directory: str) -> Dict[str, str]:
+    """The environment of processes started from the source tree C{directory} (its fedserver and plugins)."""
+    base = os.path.abspath(directory)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([base, os.path.join(base, "plugins"),
+                                         *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def wrk_missing() -> bool:
+    """Whether wrk is missing (and say how to install it)."""
+    if shutil.which("wrk") is None:
+        print(f"bench: wrk is not installed; install it with:\n  {WRK_INSTALL}", file=sys.stderr)
+        return True
+    return False
+
+
+def py_spy_missing() -> bool:
+    """Whether py-spy, which C{--profile} needs, is missing next to this Python (and say so)."""
+    if not os.path.exists(os.path.join(BIN, "py-spy")):
+        print(f"bench: --profile needs py-spy next to {sys.executable} (pip install py-spy)", file=sys.stderr)
+        return True
+    return False
+
+
+def not_installed(what: str, error: Exception, script: str) -> int:
+    """Say that this Python cannot import C{what}; the exit code for it."""
+    print(f"bench: {sys.executable} cannot import {what} ({error}): run this with the Python fedserver is "
+          f"installed in (for example .venv/bin/python bench/{script})", file=sys.stderr)
+    return 1
+
+
+def start_work(prefix: str) -> Tuple[str, Processes]:
+    """
+    Make SIGTERM stop the benchmark as Ctrl-C does, and make its work folder
+    (C{prefix} and a random part); the folder, and the processes started in it.
+    """
+    signal.signal(signal.SIGTERM, _interrupted)
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    return workdir, Processes(workdir)
+
+
+def now() -> str:
+    """This moment (UTC, to the second), as the results' C{when} gives it."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.strip().splitlines()[0] + " (see bench/README.md)")
@@ -580,8 +639,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: the CPUs go to the servers)")
     parser.add_argument("--only", action="append", choices=list(SCENARIOS), metavar="SCENARIO",
                         help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
-    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs) afterwards")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.warmup < 0 or args.threads < 1 or args.connections < args.threads:
         parser.error("need --duration > 0, --warmup >= 0 and --connections >= --threads >= 1")
@@ -590,8 +648,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if shutil.which("wrk") is None:
-        print(f"bench: wrk is not installed; install it with:\n  {WRK_INSTALL}", file=sys.stderr)
+    if wrk_missing():
         return 2
     try:
         import fedserver.pki  # noqa: F401 - the certificates are made with it
@@ -603,10 +660,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"bench: {sys.executable} has no fedserver or no twistd next to it: run this with the Python "
               "fedserver is installed in (for example .venv/bin/python bench/run.py)", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _interrupted)
 
-    workdir = tempfile.mkdtemp(prefix="fedserver-bench-")
-    processes = Processes(workdir)
+    workdir, processes = start_work("fedserver-bench-")
     results: Dict[str, Dict[str, Any]] = {}
     interrupted = False
     try:
@@ -630,7 +685,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = any("error" in r for r in results.values())
 
     document = {
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "when": now(),
         "machine": machine(),
         "settings": {"duration": args.duration, "warmup": args.warmup, "connections": args.connections,
                      "threads": args.threads, "body_bytes": len(BODY), "wrk_timeout": WRK_TIMEOUT},

@@ -747,3 +747,42 @@ async def test_matrix_transaction_answers_are_shared_by_two_stores(pg: Database)
     rows = pg_rows(url, "SELECT origin, txn_id, received_ms FROM matrix_transactions ORDER BY txn_id")
     assert [r[:2] for r in rows] == [("a.example", "txn1"), ("a.example", "txn2")]
     assert all(r[2] > 2**31 for r in rows)  # milliseconds: a 64-bit column
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_restart_loses_nothing_that_was_answered(pg: Database) -> None:
+    """
+    The server drops every connection of the store, as a restart does: what
+    was committed before is there, a work that meets a dropped connection
+    fails (it is never reported done), and the pool reconnects for the next.
+    """
+    from twisted.internet import reactor
+
+    url = pg.schema()
+    store = store_for(url, reactor, items=[ITEMS_V1])
+    store.migrate()
+    store.startService()
+    try:
+        for name in ("before-1", "before-2"):
+            await bounded(store.run_operation("INSERT INTO items (name) VALUES (?)", [name]))
+        terminated = pg_rows(
+            pg.url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        assert terminated and all(ok for (ok,) in terminated)
+        answered = []
+        for attempt in range(20):  # every pooled connection was dropped; each fails once, then reconnects
+            try:
+                await bounded(store.run_operation("INSERT INTO items (name) VALUES (?)", [f"after-{attempt}"]))
+            except psycopg.OperationalError:
+                continue
+            answered.append(f"after-{attempt}")
+            if len(answered) == 3:
+                break
+        assert len(answered) == 3
+        stored = [name for (name,) in pg_rows(url, "SELECT name FROM items ORDER BY id")]
+        # everything answered is stored, and nothing that failed is
+        assert stored == ["before-1", "before-2", *answered]
+    finally:
+        store.stopService()

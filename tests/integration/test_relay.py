@@ -353,26 +353,43 @@ def assert_exactly(participant: Participant, expected: Sequence[bytes], origin: 
     assert sorted(participant.payloads(origin)) == sorted(expected)
 
 
+def running_mesh(tmp_path_factory: Any, label: str, names: Sequence[str],
+                 tables: Callable[[Mesh], Dict[str, Dict[str, Any]]], *, linked: Sequence[Tuple[str, str]],
+                 joined: Sequence[str], subscribed: Sequence[str]) -> Iterator[Mesh]:
+    """
+    Start the relays C{names} with the C{[relay]} tables C{tables} makes,
+    wait for the C{linked} pairs, join a participant on each relay of
+    C{joined}, wait for L{ROOM} to be subscribed along C{subscribed}; yield
+    the mesh, and stop all of it afterwards (also when starting fails).
+    """
+    mesh = Mesh(tmp_path_factory.mktemp(label), names)
+    try:
+        mesh.start(tables(mesh))
+        mesh.wait_linked(*linked)
+        for name in joined:
+            mesh.participant(name)
+        mesh.wait_subscribed(*subscribed)
+        yield mesh
+    finally:
+        mesh.stop()
+
+
 # R1 trusts R2 with delegate = true; R2 links R3; R4 is unknown and dials R1
 
 
 @pytest.fixture(scope="class")
 def delegated(tmp_path_factory: Any) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path_factory.mktemp("delegated"), ["r1", "r2", "r3", "r4"])
-    try:
-        mesh.start({
+    def tables(mesh: Mesh) -> Dict[str, Dict[str, Any]]:
+        return {
             "r1": mesh.table("r1", trusted=[("r2", True)]),
             "r2": mesh.table("r2", peers=["r1"], trusted=[("r3", False)]),
             "r3": mesh.table("r3", peers=["r2"]),
             "r4": mesh.table("r4", peers=["r1"]),
-        })
-        mesh.wait_linked(("r1", "r2"), ("r2", "r3"))
-        for name in ("r1", "r3", "r4"):
-            mesh.participant(name)
-        mesh.wait_subscribed("r3", "r2", "r1")
-        yield mesh
-    finally:
-        mesh.stop()
+        }
+
+    yield from running_mesh(tmp_path_factory, "delegated", ["r1", "r2", "r3", "r4"], tables,
+                            linked=[("r1", "r2"), ("r2", "r3")], joined=("r1", "r3", "r4"),
+                            subscribed=("r3", "r2", "r1"))
 
 
 class TestDelegatedTrust:
@@ -428,20 +445,16 @@ class TestDelegatedTrust:
 
 @pytest.fixture(scope="class")
 def undelegated(tmp_path_factory: Any) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path_factory.mktemp("undelegated"), ["r1", "r2", "r3"])
-    try:
-        mesh.start({
+    def tables(mesh: Mesh) -> Dict[str, Dict[str, Any]]:
+        return {
             "r1": mesh.table("r1", trusted=[("r2", False)]),
             "r2": mesh.table("r2", peers=["r1"], trusted=[("r3", False)]),
             "r3": mesh.table("r3", peers=["r2"]),
-        })
-        mesh.wait_linked(("r1", "r2"), ("r2", "r3"))
-        for name in ("r1", "r2", "r3"):
-            mesh.participant(name)
-        mesh.wait_subscribed("r3", "r2", "r1")
-        yield mesh
-    finally:
-        mesh.stop()
+        }
+
+    yield from running_mesh(tmp_path_factory, "undelegated", ["r1", "r2", "r3"], tables,
+                            linked=[("r1", "r2"), ("r2", "r3")], joined=("r1", "r2", "r3"),
+                            subscribed=("r3", "r2", "r1"))
 
 
 class TestWithoutDelegation:
@@ -490,20 +503,16 @@ class TestWithoutDelegation:
 
 @pytest.fixture(scope="class")
 def direct(tmp_path_factory: Any) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path_factory.mktemp("direct"), ["r1", "r2", "r3"])
-    try:
-        mesh.start({
+    def tables(mesh: Mesh) -> Dict[str, Dict[str, Any]]:
+        return {
             "r1": mesh.table("r1", trusted=[("r2", False), ("r3", False)]),
             "r2": mesh.table("r2", peers=["r1"], trusted=[("r3", False)]),
             "r3": mesh.table("r3", peers=["r2"]),
-        })
-        mesh.wait_linked(("r1", "r2"), ("r2", "r3"))
-        for name in ("r1", "r3"):
-            mesh.participant(name)
-        mesh.wait_subscribed("r3", "r2", "r1")
-        yield mesh
-    finally:
-        mesh.stop()
+        }
+
+    yield from running_mesh(tmp_path_factory, "direct", ["r1", "r2", "r3"], tables,
+                            linked=[("r1", "r2"), ("r2", "r3")], joined=("r1", "r3"),
+                            subscribed=("r3", "r2", "r1"))
 
 
 class TestDirectTrust:
@@ -529,20 +538,16 @@ class TestDirectTrust:
 
 @pytest.fixture(scope="class")
 def short_ttl(tmp_path_factory: Any) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path_factory.mktemp("ttl"), ["r1", "r2", "r3"])
-    try:
-        mesh.start({
+    def tables(mesh: Mesh) -> Dict[str, Dict[str, Any]]:
+        return {
             "r1": mesh.table("r1", trusted=[("r2", True)]),
             "r2": mesh.table("r2", peers=["r1"], trusted=[("r3", False)]),
             "r3": mesh.table("r3", peers=["r2"], max_federation_hops=1),
-        })
-        mesh.wait_linked(("r1", "r2"), ("r2", "r3"))
-        for name in ("r1", "r2", "r3"):
-            mesh.participant(name)
-        mesh.wait_subscribed("r3", "r2", "r1")
-        yield mesh
-    finally:
-        mesh.stop()
+        }
+
+    yield from running_mesh(tmp_path_factory, "ttl", ["r1", "r2", "r3"], tables,
+                            linked=[("r1", "r2"), ("r2", "r3")], joined=("r1", "r2", "r3"),
+                            subscribed=("r3", "r2", "r1"))
 
 
 class TestHopLimit:
@@ -573,21 +578,18 @@ class TestHopLimit:
 
 @pytest.fixture(scope="class")
 def loop(tmp_path_factory: Any) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path_factory.mktemp("loop"), ["r1", "r2", "r3"])
     hops = 8  # frames could go round the loop twice: only duplicate suppression ends them
-    try:
-        mesh.start({
+
+    def tables(mesh: Mesh) -> Dict[str, Dict[str, Any]]:
+        return {
             "r1": mesh.table("r1", peers=["r2"], trusted=[("r3", False)], max_federation_hops=hops),
             "r2": mesh.table("r2", peers=["r3"], trusted=[("r1", False)], max_federation_hops=hops),
             "r3": mesh.table("r3", peers=["r1"], trusted=[("r2", False)], max_federation_hops=hops),
-        })
-        mesh.wait_linked(("r1", "r2"), ("r2", "r3"), ("r3", "r1"))
-        for name in ("r1", "r2", "r3"):
-            mesh.participant(name)
-        mesh.wait_subscribed("r1", "r2", "r3", "r1", "r3", "r2", "r1")
-        yield mesh
-    finally:
-        mesh.stop()
+        }
+
+    yield from running_mesh(tmp_path_factory, "loop", ["r1", "r2", "r3"], tables,
+                            linked=[("r1", "r2"), ("r2", "r3"), ("r3", "r1")], joined=("r1", "r2", "r3"),
+                            subscribed=("r1", "r2", "r3", "r1", "r3", "r2", "r1"))
 
 
 class TestLoop:
@@ -628,20 +630,16 @@ class TestLoop:
 
 @pytest.fixture(scope="class")
 def pair(tmp_path_factory: Any) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path_factory.mktemp("pair"), ["r1", "r2"])
-    try:
+    def tables(mesh: Mesh) -> Dict[str, Dict[str, Any]]:
         forwarder = mesh.forwarder(mesh["r2"].udp)
-        mesh.start({
+        return {
             "r1": mesh.table("r1", peers=["r2"]),
             "r2": mesh.table("r2", trusted=[("r1", False)], udp_advertise_port=forwarder.port),
-        })
-        mesh.wait_linked(("r1", "r2"))
-        for name in ("r1", "r2"):
-            mesh.participant(name)
-        mesh.wait_subscribed("r1", "r2")
-        yield mesh
-    finally:
-        mesh.stop()
+        }
+
+    yield from running_mesh(tmp_path_factory, "pair", ["r1", "r2"], tables,
+                            linked=[("r1", "r2")], joined=("r1", "r2"),
+                            subscribed=("r1", "r2"))
 
 
 class TestPair:

@@ -506,6 +506,35 @@ def make_rig(
 
 
 
+def local_config_head(cert: str, key: str, ca_path: str) -> str:
+    """
+    The first tables of a test configuration of a.example (fed.a.example,
+    data in C{var}): C{[inward]} and C{[outward]} on 127.0.0.1, C{[tls]} with
+    C{cert}, C{key} and C{ca_path}, and C{[discovery]} with plugin static;
+    the caller appends discovery's domains, the authenticator and the rest.
+    """
+    return f"""
+[server]
+backend_domain = "a.example"
+infra_domain = "fed.a.example"
+data_dir = "var"
+
+[inward]
+listen = "tcp:0:interface=127.0.0.1"
+
+[outward]
+listen = "tcp:0:interface=127.0.0.1"
+
+[tls]
+certificate = "{cert}"
+private_key = "{key}"
+ca_certificates = ["{ca_path}"]
+
+[discovery]
+plugin = "static"
+"""
+
+
 def minimal_config_file(directory: Any, backend: str, infra: str, *, outward: bool = False) -> Callable[..., str]:
     """
     A writer of a minimal, complete configuration for C{backend} (mtls with

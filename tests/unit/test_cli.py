@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import textwrap
 
 import pytest
 
 from fedserver.cli import main
 from fedserver.tls import TLSMaterial, certificate_names
+from tests.unit.helpers import local_config_head
 
 
 @pytest.fixture
@@ -16,25 +18,7 @@ def good_config(write_config, dev_pki):
     cert, key = dev_pki.issue_files("fed.a.example")
 
     def text(extra: str = "", **replace: str) -> str:
-        body = f"""
-            [server]
-            backend_domain = "a.example"
-            infra_domain = "fed.a.example"
-            data_dir = "var"
-
-            [inward]
-            listen = "tcp:0:interface=127.0.0.1"
-
-            [outward]
-            listen = "tcp:0:interface=127.0.0.1"
-
-            [tls]
-            certificate = "{cert}"
-            private_key = "{key}"
-            ca_certificates = ["{dev_pki.ca_path}"]
-
-            [discovery]
-            plugin = "static"
+        body = local_config_head(cert, key, dev_pki.ca_path) + textwrap.dedent(f"""
             [discovery.domains."b.example"]
             infra_domain = "fed.b.example"
             port = 8443
@@ -50,7 +34,7 @@ def good_config(write_config, dev_pki):
             plugin = "http-forward"
             url = "http://127.0.0.1:8081"
             {extra}
-            """
+            """)
         for old, new in replace.items():
             body = body.replace(old, new)
         return write_config(body)

@@ -6,6 +6,7 @@ import datetime
 import json
 import shutil
 import subprocess
+import textwrap
 import time
 from typing import Any, Dict, List, Optional
 
@@ -26,6 +27,7 @@ from fedserver.interfaces import IIdentityProvider
 from fedserver.registry import PluginRegistry, make_plugin_manager
 from fedserver.values import Identity
 from fedserver_mimi.identity import BasicIdentityProvider, X509IdentityProvider
+from tests.unit.helpers import local_config_head
 
 deferreds = SynchronousTestCase()
 
@@ -403,26 +405,7 @@ def mimi_config(write_config, dev_pki, tmp_path):
     chain = Chain("ed25519")
     chain.write_root(tmp_path / "etc-roots.pem")
     (tmp_path / "chain.pem").write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in chain.certificates))
-    path = write_config(f"""
-        [server]
-        backend_domain = "a.example"
-        infra_domain = "fed.a.example"
-        data_dir = "var"
-
-        [inward]
-        listen = "tcp:0:interface=127.0.0.1"
-
-        [outward]
-        listen = "tcp:0:interface=127.0.0.1"
-
-        [tls]
-        certificate = "{cert}"
-        private_key = "{key}"
-        ca_certificates = ["{dev_pki.ca_path}"]
-
-        [discovery]
-        plugin = "static"
-
+    path = write_config(local_config_head(cert, key, dev_pki.ca_path) + textwrap.dedent("""
         [authenticator]
         plugin = "mtls"
 
@@ -433,13 +416,13 @@ def mimi_config(write_config, dev_pki, tmp_path):
         [identity_providers.devices]
         plugin = "x509"
         trust_roots = ["../etc-roots.pem"]
-        device_range = {{ start = 0, end = 0 }}
+        device_range = { start = 0, end = 0 }
         account_offset = 1
         domain_offset = 2
 
         [identity_providers.simple]
         plugin = "basic"
-        """)
+        """))
     return path, str(tmp_path / "chain.pem")
 
 

@@ -36,6 +36,7 @@ from fedserver_mimi.keypackage import (
     verify_key_package_signature,
     verify_leaf_node_signature,
 )
+from tests.unit.mls_helpers import MUTATIONS, mutate
 
 # The "mls_key_package" values of the first two entries of test-vectors/messages.json
 # in mlswg/mls-implementations (the MLS working group's interoperability test
@@ -429,35 +430,9 @@ class TestFuzz:
             pass
 
     @FUZZ
-    @given(
-        st.sampled_from(VALID),
-        st.lists(
-            st.tuples(
-                st.sampled_from(["flip", "set", "insert", "delete", "truncate"]),
-                st.integers(min_value=0, max_value=10_000),
-                st.integers(min_value=0, max_value=255),
-            ),
-            min_size=1,
-            max_size=4,
-        ),
-    )
+    @given(st.sampled_from(VALID), MUTATIONS)
     def test_mutated_packages(self, data, mutations):
-        buf = bytearray(data)
-        for op, pos, value in mutations:
-            if not buf:
-                break
-            i = pos % len(buf)
-            if op == "flip":
-                buf[i] ^= 1 << (value % 8)
-            elif op == "set":
-                buf[i] = value
-            elif op == "insert":
-                buf[i:i] = bytes([value])
-            elif op == "delete":
-                del buf[i]
-            else:
-                del buf[i:]
-        parse_or_refuse(bytes(buf))
+        parse_or_refuse(mutate(data, mutations))
 
     @FUZZ
     @given(

@@ -84,6 +84,7 @@ from fedserver_mimi.messages import (
     parse_welcome,
     verify_group_info_signature,
 )
+from tests.unit.mls_helpers import MUTATIONS, mutate
 
 # Published test vectors of the MLS working group's interoperability suite,
 # mlswg/mls-implementations (which OpenMLS and mlspp run).
@@ -904,36 +905,6 @@ def parse_or_refuse(parser: Parser, data: bytes) -> None:
         assert 0 <= e.offset <= len(data)
         return
     assert parser(data) == summary
-
-
-def mutate(data: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
-    buf = bytearray(data)
-    for op, pos, value in mutations:
-        if not buf:
-            break
-        i = pos % len(buf)
-        if op == "flip":
-            buf[i] ^= 1 << (value % 8)
-        elif op == "set":
-            buf[i] = value
-        elif op == "insert":
-            buf[i:i] = bytes([value])
-        elif op == "delete":
-            del buf[i]
-        else:
-            del buf[i:]
-    return bytes(buf)
-
-
-MUTATIONS = st.lists(
-    st.tuples(
-        st.sampled_from(["flip", "set", "insert", "delete", "truncate"]),
-        st.integers(min_value=0, max_value=10_000),
-        st.integers(min_value=0, max_value=255),
-    ),
-    min_size=1,
-    max_size=4,
-)
 
 
 class TestFuzz:
