@@ -295,6 +295,15 @@ class Limits:
         listener, from the end of its headers.
     @ivar max_connections: connections the inward listener holds at once;
         more are closed as they arrive.
+    @ivar max_outbound_per_destination: outbound calls in flight at once to
+        one destination domain; more wait in a queue.
+    @ivar max_outbound_queue_per_destination: outbound calls that may wait
+        for one destination; more fail at once (C{federation-overloaded}).
+    @ivar max_inbound_per_peer: inbound calls one authenticated peer domain
+        may have in progress at once; more get 429 (C{too-many-requests}).
+    @ivar inbound_rate_per_peer: inbound calls per second one authenticated
+        peer domain may make (a token bucket with a burst of the same size);
+        more get 429 (C{too-many-requests}).
     """
 
     max_body_bytes: int = 1024 * 1024
@@ -305,6 +314,10 @@ class Limits:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     max_connections: int = 1024
+    max_outbound_per_destination: int = 32
+    max_outbound_queue_per_destination: int = 1000
+    max_inbound_per_peer: int = 64
+    inbound_rate_per_peer: float = 5000.0
 
 
 @attrs.frozen
@@ -509,6 +522,19 @@ def parse_config(raw: Mapping[str, Any], *, file: str, base_dir: str) -> Config:
             ),
             max_connections=limits_table.get_int(
                 "max_connections", limits.max_connections, minimum=1, maximum=1_000_000
+            ),
+            max_outbound_per_destination=limits_table.get_int(
+                "max_outbound_per_destination", limits.max_outbound_per_destination, minimum=1, maximum=100_000
+            ),
+            max_outbound_queue_per_destination=limits_table.get_int(
+                "max_outbound_queue_per_destination", limits.max_outbound_queue_per_destination,
+                minimum=0, maximum=1_000_000
+            ),
+            max_inbound_per_peer=limits_table.get_int(
+                "max_inbound_per_peer", limits.max_inbound_per_peer, minimum=1, maximum=100_000
+            ),
+            inbound_rate_per_peer=limits_table.get_number(
+                "inbound_rate_per_peer", limits.inbound_rate_per_peer, minimum=0.1, maximum=1_000_000
             ),
         )
         limits_table.check_all_used()

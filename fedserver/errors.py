@@ -15,7 +15,7 @@ L{LABELS} so that the same failure always looks the same to a peer.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 #: label -> HTTP status code.  The single source of truth for both.
 LABELS: Mapping[str, int] = {
@@ -41,12 +41,16 @@ LABELS: Mapping[str, int] = {
     "federation-timeout": 504,
     "federation-remote-error": 533,
     "federation-not-available": 500,
+    # [limits] max_outbound_per_destination and its queue are full
+    "federation-overloaded": 503,
     # talking to a local component
     "component-unavailable": 502,
     # idempotency keys of inbound calls (fedserver.idempotency)
     "invalid-idempotency-key": 400,
     "idempotency-key-reused": 422,
     "request-in-progress": 409,
+    # [limits] max_inbound_per_peer, inbound_rate_per_peer
+    "too-many-requests": 429,
     # everything else; the message never carries a traceback
     "internal-error": 500,
 }
@@ -62,6 +66,7 @@ class FederationError(Exception):
         key, and what to do next.
     @ivar data: optional context (domain, path) as in wire-server.
     @ivar inner: optional error of a remote backend, carried unchanged.
+    @ivar headers: extra response headers for the answer (C{Retry-After}).
     """
 
     default_label = "internal-error"
@@ -73,6 +78,7 @@ class FederationError(Exception):
         *,
         data: Optional[Mapping[str, Any]] = None,
         inner: Any = None,
+        headers: Sequence[Tuple[str, str]] = (),
     ) -> None:
         label = label or self.default_label
         if label not in LABELS:
@@ -83,6 +89,7 @@ class FederationError(Exception):
         self.message = message
         self.data = dict(data) if data else None
         self.inner = inner
+        self.headers = list(headers)
 
     def to_json(self) -> Dict[str, Any]:
         """The error as the JSON object a peer or component receives."""

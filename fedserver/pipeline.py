@@ -11,8 +11,10 @@ authorize (every authorizer) -> the component.
 from __future__ import annotations
 
 import json
+import math
 import time
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -113,11 +115,41 @@ def check_json(body: bytes, what: str) -> None:
         raise FederationError(f"{what} is JSON nested too deeply", "invalid-json") from None
 
 
+@attrs.define
+class _Slots:
+    """Outbound calls to one destination: how many are in flight, who waits."""
+
+    active: int = 0
+    waiting: Deque[Deferred[None]] = attrs.Factory(deque)
+
+
+@attrs.define
+class _PeerLoad:
+    """One peer's inbound calls in progress and its token bucket."""
+
+    active: int
+    tokens: float
+    updated: float
+
+
+#: peers remembered before idle ones (none in progress, bucket full) are dropped
+_PEERS_KEPT = 4096
+
+
 class Pipeline:
     """
     The configured providers, wired in the order the design gives.
 
     @ivar backend_domain: our backend domain (the origin of outbound calls).
+    @ivar max_outbound_per_destination: outbound calls in flight at once to
+        one destination; more wait, first come first served.
+    @ivar max_outbound_queue_per_destination: calls that may wait for one
+        destination; more fail at once with C{federation-overloaded}.
+    @ivar max_inbound_per_peer: inbound calls one authenticated peer domain
+        may have in progress; more are refused with C{too-many-requests}.
+    @ivar inbound_rate_per_peer: inbound calls per second one peer domain may
+        make (token bucket, burst of the same size); more are refused with
+        C{too-many-requests}.
     """
 
     def __init__(
@@ -129,6 +161,10 @@ class Pipeline:
         authorizers: Sequence[IAuthorizer],
         components: Mapping[str, IComponentHandler],
         client: FederationClient,
+        max_outbound_per_destination: int = 32,
+        max_outbound_queue_per_destination: int = 1000,
+        max_inbound_per_peer: int = 64,
+        inbound_rate_per_peer: float = 200.0,
     ) -> None:
         self.backend_domain = backend_domain
         self.discovery = discovery
@@ -145,6 +181,12 @@ class Pipeline:
         #: (L{fedserver.idempotency.Deduplicator}); without it the key is
         #: not looked at
         self.deduplicator: Any = None
+        self.max_outbound_per_destination = max_outbound_per_destination
+        self.max_outbound_queue_per_destination = max_outbound_queue_per_destination
+        self.max_inbound_per_peer = max_inbound_per_peer
+        self.inbound_rate_per_peer = inbound_rate_per_peer
+        self._outbound: Dict[str, _Slots] = {}
+        self._inbound: Dict[str, _PeerLoad] = {}
 
     def _notify(self, outcome: CallOutcome) -> None:
         for observer in self.observers:
@@ -189,7 +231,7 @@ class Pipeline:
 
     async def _send(self, request: OutboundRequest) -> Response:
         if not self.observers:
-            return await self._deliver(request)
+            return await self._limited_deliver(request)
         started = self.timer()
         component, rpc = route_names(request.path)
 
@@ -198,7 +240,7 @@ class Pipeline:
                                      self.timer() - started, request.header("Request-Id")))
 
         try:
-            response = await self._deliver(request)
+            response = await self._limited_deliver(request)
         except Exception as e:
             notify(*_failure_outcome(e))
             raise
@@ -206,6 +248,53 @@ class Pipeline:
         notify(None if ok else "federation-remote-error", response.code,
                "" if ok else f"{request.destination} answered {response.code}")
         return response
+
+    def outbound_load(self, destination: str) -> Tuple[int, int]:
+        """The calls to C{destination} in flight and waiting."""
+        slots = self._outbound.get(destination.lower())
+        return (slots.active, len(slots.waiting)) if slots is not None else (0, 0)
+
+    async def _limited_deliver(self, request: OutboundRequest) -> Response:
+        destination = request.destination.lower()
+        await self._acquire_outbound(destination, request)
+        try:
+            return await self._deliver(request)
+        finally:
+            self._release_outbound(destination)
+
+    async def _acquire_outbound(self, destination: str, request: OutboundRequest) -> None:
+        slots = self._outbound.get(destination)
+        if slots is None:
+            slots = self._outbound[destination] = _Slots()
+        if slots.active < self.max_outbound_per_destination and not slots.waiting:
+            slots.active += 1
+            return
+        if len(slots.waiting) >= self.max_outbound_queue_per_destination:
+            raise FederationError(
+                f"{slots.active} calls to {request.destination} are in flight and {len(slots.waiting)} "
+                "more wait ([limits] max_outbound_per_destination, max_outbound_queue_per_destination); "
+                "try again later",
+                "federation-overloaded",
+                data={"type": "federation", "domain": request.destination, "path": request.path},
+            )
+        turn: Deferred[None] = Deferred()
+        slots.waiting.append(turn)
+        try:
+            # a released slot is handed over with the callback (active stays)
+            await turn
+        except BaseException:
+            if turn in slots.waiting:  # cancelled while waiting: leave the queue
+                slots.waiting.remove(turn)
+            raise
+
+    def _release_outbound(self, destination: str) -> None:
+        slots = self._outbound[destination]
+        if slots.waiting:
+            slots.waiting.popleft().callback(None)
+            return
+        slots.active -= 1
+        if slots.active == 0:
+            del self._outbound[destination]
 
     async def _deliver(self, request: OutboundRequest) -> Response:
         targets = await self.discovery.discover(request.destination)
@@ -270,6 +359,55 @@ class Pipeline:
     ) -> Response:
         peer = await self.authenticate(request)
         established.append(peer)
+        domain = peer.claimed_domain.lower()
+        self._admit_inbound(domain)
+        try:
+            return await self._dispatch_admitted(request, component, rpc, request_id, peer)
+        finally:
+            load = self._inbound[domain]
+            load.active -= 1
+
+    def _admit_inbound(self, domain: str) -> None:
+        """Count a call from C{domain} in, or refuse it with C{too-many-requests}."""
+        now = self.timer()
+        rate = self.inbound_rate_per_peer
+        load = self._inbound.get(domain)
+        if load is None:
+            if len(self._inbound) >= _PEERS_KEPT:
+                self._forget_idle_peers(now)
+            load = self._inbound[domain] = _PeerLoad(0, rate, now)
+        else:
+            load.tokens = min(rate, load.tokens + (now - load.updated) * rate)
+            load.updated = now
+        if load.active >= self.max_inbound_per_peer:
+            raise FederationError(
+                f"{domain} has {load.active} calls in progress here, the most allowed "
+                "([limits] max_inbound_per_peer); try again later",
+                "too-many-requests",
+                data={"type": "federation", "domain": domain},
+                headers=[("Retry-After", "1")],
+            )
+        if load.tokens < 1:
+            wait = max(1, math.ceil((1 - load.tokens) / rate))
+            raise FederationError(
+                f"{domain} calls more often than {rate:g} times a second "
+                f"([limits] inbound_rate_per_peer); try again in {wait} s",
+                "too-many-requests",
+                data={"type": "federation", "domain": domain},
+                headers=[("Retry-After", str(wait))],
+            )
+        load.tokens -= 1
+        load.active += 1
+
+    def _forget_idle_peers(self, now: float) -> None:
+        rate = self.inbound_rate_per_peer
+        for domain, load in list(self._inbound.items()):
+            if load.active == 0 and load.tokens + (now - load.updated) * rate >= rate:
+                del self._inbound[domain]
+
+    async def _dispatch_admitted(
+        self, request: InboundRequest, component: str, rpc: str, request_id: str, peer: Peer
+    ) -> Response:
         call = FederatedCall(
             origin_domain=peer.claimed_domain,
             target_domain=self.backend_domain,

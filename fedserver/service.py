@@ -275,6 +275,10 @@ def _build(config: Config, reactor: Any, plugin_manager: Any, migrate: bool, lis
         authorizers=context.authorizers,
         components=context.components,
         client=context.client,
+        max_outbound_per_destination=limits.max_outbound_per_destination,
+        max_outbound_queue_per_destination=limits.max_outbound_queue_per_destination,
+        max_inbound_per_peer=limits.max_inbound_per_peer,
+        inbound_rate_per_peer=limits.inbound_rate_per_peer,
     )
     context.pipeline = pipeline
     pipeline.deduplicator = deduplicator

@@ -310,7 +310,7 @@ def write_response(request: server.Request, response: Response, *, only: Optiona
 
 def labelled_json(error: FederationError) -> Response:
     """C{error} as fedserver's labelled JSON answer."""
-    return Response(error.code, [("Content-Type", "application/json")], error.to_bytes())
+    return Response(error.code, [("Content-Type", "application/json"), *error.headers], error.to_bytes())
 
 
 def error_response_for(root: Any, path: bytes, error: FederationError) -> Response:
