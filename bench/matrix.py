@@ -66,6 +66,7 @@ from run import (
     start_fedserver,
     start_work,
     wind_down,
+    wrk_cells,
     wrk_missing,
 )
 
@@ -539,10 +540,8 @@ def report(document: Dict[str, Any]) -> str:
             if "error" in r:
                 lines.append(f"{name:<14} could not run: {r['error'].splitlines()[0]}")
                 continue
-            cpu = "-" if r["cpu_ms_per_request"] is None else f"{r['cpu_ms_per_request']:.3f}"
             rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.1f}"
-            lines.append(f"{name:<14} {r['requests_per_s']:>8.0f} {r['latency_ms']['50']:>8.2f} "
-                         f"{r['latency_ms']['99']:>8.2f} {r['errors']:>7} {cpu:>10} {rss:>7} {r['answer_bytes']:>6}")
+            lines.append(f"{name:<14} {wrk_cells(r)} {rss:>7} {r['answer_bytes']:>6}")
         for pair, ratio in document["ratios"].items():
             lines.append(f"{pair:<26} req/s {ratio['requests_per_s']:5.2f} x   p99 {ratio['p99']:5.2f} x")
     lines.append("")

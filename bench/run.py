@@ -455,6 +455,13 @@ def targets(results: Dict[str, Dict[str, Any]]) -> List[Dict[str, str]]:
     return verdicts
 
 
+
+def wrk_cells(r: Dict[str, Any], *, cpu_digits: int = 3) -> str:
+    """A measured scenario's req/s, p50 and p99 (ms), errors and CPU ms per request, as table cells."""
+    cpu = "-" if r["cpu_ms_per_request"] is None else f"{r['cpu_ms_per_request']:.{cpu_digits}f}"
+    return (f"{r['requests_per_s']:>8.0f} {r['latency_ms']['50']:>8.2f} {r['latency_ms']['99']:>8.2f} "
+            f"{r['errors']:>7} {cpu:>10}")
+
 def report(document: Dict[str, Any]) -> str:
     """The table, the ratios and the verdicts, as text."""
     settings = document["settings"]
@@ -469,9 +476,7 @@ def report(document: Dict[str, Any]) -> str:
             lines.append(f"{name:<20} could not run: {r['error'].splitlines()[0]}")
             continue
         rss = ", ".join(f"{label} {mb:.1f}" for label, mb in r["peak_rss_mb"].items() if mb is not None) or "-"
-        cpu = "-" if r["cpu_ms_per_request"] is None else f"{r['cpu_ms_per_request']:.2f}"
-        lines.append(f"{name:<20} {r['requests_per_s']:>8.0f} {r['latency_ms']['50']:>8.2f} "
-                     f"{r['latency_ms']['99']:>8.2f} {r['errors']:>7} {cpu:>10}  {rss}")
+        lines.append(f"{name:<20} {wrk_cells(r, cpu_digits=2)}  {rss}")
     if document["ratios"]:
         lines.append("")
         for pair, ratio in document["ratios"].items():

@@ -25,17 +25,24 @@ from fedserver.errors import DiscoveryFailure, FederationError, ValidationError
 from fedserver.interfaces import IAuthenticator, IAuthorizer, IComponentHandler, IDiscovery
 from fedserver.values import FederatedCall, InboundRequest, OutboundRequest, Peer, Response
 
+#: the headers of a call relayed through a hub (fedserver_relay.delegation):
+#: the origin's certificate fingerprint and domain, the hubs crossed, and
+#: where the hub is asked to send it
+RELAY_ORIGIN = "Fedserver-Relay-Origin"
+RELAY_ORIGIN_DOMAIN = "Fedserver-Relay-Origin-Domain"
+RELAY_HOPS = "Fedserver-Relay-Hops"
+RELAY_TO = "Fedserver-Relay-To"
+RELAY_COMPONENT = "Fedserver-Relay-Component"
+#: the headers that mark a call as relayed
+RELAYED_MARKERS = (RELAY_ORIGIN, RELAY_ORIGIN_DOMAIN, RELAY_HOPS)
+RELAY_HEADERS = (*RELAYED_MARKERS, RELAY_TO, RELAY_COMPONENT)
+
 #: headers a component's outbound call may carry through to the remote
 #: component (besides the ones the pipeline sets itself): Wire's API version,
-#: and the origin, hop count and destination of calls relayed through a hub
-#: (see fedserver_relay.delegation)
+#: the relay headers, and the idempotency key
 PASSED_THROUGH = (
     "X-Wire-API-Version",
-    "Fedserver-Relay-Origin",
-    "Fedserver-Relay-Origin-Domain",
-    "Fedserver-Relay-Hops",
-    "Fedserver-Relay-To",
-    "Fedserver-Relay-Component",
+    *RELAY_HEADERS,
     # names a call for deduplication at the receiver (fedserver.idempotency)
     "Fedserver-Idempotency-Key",
 )

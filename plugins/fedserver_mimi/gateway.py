@@ -62,6 +62,7 @@ from fedserver.jsonapi import (
     text,
     uuid_id,
 )
+from fedserver.pipeline import RELAYED_MARKERS
 from fedserver.rpc_client import RPCClient, unexpected_body
 from fedserver.values import FederatedCall, Identity, Response
 from fedserver_mimi.gateway_store import (
@@ -104,9 +105,6 @@ CREDENTIAL_TYPES = {1: "basic", 2: "x509"}
 #: an MLSMessage's version (mls10) and wire format (mls_key_package): KeyPackages are kept and served so framed
 MLS_KEY_PACKAGE_HEADER = b"\x00\x01\x00\x05"
 
-#: the headers a relay hub adds to the calls it relays (L{fedserver_relay.delegation}: ORIGIN, ORIGIN_DOMAIN,
-#: HOPS); a call with any of them is refused
-RELAY_HEADERS = ("Fedserver-Relay-Origin", "Fedserver-Relay-Origin-Domain", "Fedserver-Relay-Hops")
 #: the largest identity configuration of another gateway's application taken from its list-apps, in characters of
 #: JSON
 MAX_IDENTITY_CONFIGURATION = 16 * 1024
@@ -790,7 +788,7 @@ class Gateway(RPCComponent):
         return {"apps": remote_apps(await self.call_remote(caller, where, "list-apps", {}, request_id), where)}
 
     async def _handle(self, call: FederatedCall) -> Response:
-        if any(call.header(name) is not None for name in RELAY_HEADERS):
+        if any(call.header(name) is not None for name in RELAYED_MARKERS):
             # claims and Welcome messages are keyed on the calling domain, which here would be the hub's
             refusal = APIError(
                 403, "access-denied",

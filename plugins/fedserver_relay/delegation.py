@@ -58,17 +58,24 @@ from fedserver.context import Context
 from fedserver.errors import FederationDenied, FederationError
 from fedserver.hookspecs import hookimpl
 from fedserver.interfaces import IAuthorizer, IComponentHandler
+from fedserver.pipeline import (
+    RELAY_COMPONENT,
+    RELAY_HEADERS,
+    RELAY_HOPS,
+    RELAY_ORIGIN,
+    RELAY_ORIGIN_DOMAIN,
+    RELAY_TO,
+)
 from fedserver.values import FederatedCall, Peer, Response
 from fedserver_relay.fingerprint import parse_fingerprint
 from fedserver_relay.frames import MAX_TTL
 
-ORIGIN = "Fedserver-Relay-Origin"
-ORIGIN_DOMAIN = "Fedserver-Relay-Origin-Domain"
-HOPS = "Fedserver-Relay-Hops"
-TO = "Fedserver-Relay-To"
-TO_COMPONENT = "Fedserver-Relay-Component"
+ORIGIN = RELAY_ORIGIN
+ORIGIN_DOMAIN = RELAY_ORIGIN_DOMAIN
+HOPS = RELAY_HOPS
+TO = RELAY_TO
+TO_COMPONENT = RELAY_COMPONENT
 #: the headers of relayed calls, which the pipeline passes through on outbound calls
-RELAY_HEADERS = (ORIGIN, ORIGIN_DOMAIN, HOPS, TO, TO_COMPONENT)
 
 
 def _denied(message: str, peer: Optional[Peer]) -> FederationDenied:

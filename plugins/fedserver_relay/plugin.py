@@ -24,6 +24,7 @@ from twisted.web import resource, server
 
 from fedserver.context import Context
 from fedserver.hookspecs import hookimpl
+from fedserver.jsonapi import APIError
 from fedserver.metrics import BoundedLabel
 from fedserver_relay.fingerprint import fingerprint_of_certificate
 from fedserver_relay.link import DatagramRouter, RelayLinks, RelayTLS
@@ -174,8 +175,9 @@ def relay_metrics(relay: RelayService) -> Callable[[], List[Metric]]:
 
 
 def _error(request: server.Request, code: int, label: str, message: str) -> bytes:
-    request.setResponseCode(code)
-    return json.dumps({"code": code, "label": label, "message": message}).encode("utf-8")
+    answer = APIError(code, label, message).response()
+    request.setResponseCode(answer.code)
+    return answer.body
 
 
 def _runtime(context: Context) -> Optional[RelayService]:
