@@ -91,6 +91,7 @@ class ServerTLSOptions:
             ctx.add_extra_chain_cert(extra)
         ctx.use_privatekey(material.private_key)
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # idle connections give their buffers back
         ctx.set_session_id(b"fedserver-matrix")
         self.context = ctx
 

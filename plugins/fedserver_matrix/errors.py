@@ -10,7 +10,7 @@ authenticator's failures do).
 from __future__ import annotations
 
 import json
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 from fedserver.errors import FederationError
 from fedserver.values import Response
@@ -24,18 +24,28 @@ ERRCODES: Dict[str, Tuple[int, str]] = {
     "federation-denied": (403, "M_FORBIDDEN"),
     "invalid-endpoint": (404, "M_UNRECOGNIZED"),
     "unknown-component": (404, "M_UNRECOGNIZED"),
+    "too-many-requests": (429, "M_LIMIT_EXCEEDED"),
 }
 
 
-def matrix_response(status: int, errcode: str, message: str, **extra: object) -> Response:
-    """A Matrix error answer."""
+def matrix_response(status: int, errcode: str, message: str, *, headers: Sequence[Tuple[str, str]] = (),
+                    **extra: object) -> Response:
+    """A Matrix error answer, with C{headers} beside its Content-Type."""
     body = {"errcode": errcode, "error": message, **extra}
-    return Response(status, [("Content-Type", "application/json")], json.dumps(body).encode())
+    return Response(status, [("Content-Type", "application/json"), *headers], json.dumps(body).encode())
 
 
 def matrix_error(error: FederationError) -> Response:
-    """C{error} as the Matrix error answer."""
+    """
+    C{error} as the Matrix error answer, with the error's headers; a
+    C{Retry-After} is also given as C{retry_after_ms}, as Matrix clients
+    and servers read it.
+    """
     status, errcode = ERRCODES.get(error.label, (error.code, "M_UNKNOWN"))
     status = getattr(error, "matrix_status", None) or status
     errcode = getattr(error, "errcode", None) or errcode
-    return matrix_response(status, errcode, error.message, fedserver_label=error.label)
+    extra: Dict[str, object] = {"fedserver_label": error.label}
+    for name, value in error.headers:
+        if name.lower() == "retry-after" and value.isdigit():
+            extra["retry_after_ms"] = int(value) * 1000
+    return matrix_response(status, errcode, error.message, headers=error.headers, **extra)

@@ -29,7 +29,7 @@ from fedserver.hookspecs import hookimpl
 from fedserver.inward import headers_of
 from fedserver.pipeline import check_json
 from fedserver.tls import peer_certificate
-from fedserver.values import FederatedCall, InboundRequest, OutboundRequest, Response
+from fedserver.values import FederatedCall, InboundRequest, OutboundRequest, Peer, Response
 from fedserver.web import body_of, refuse, request_id_from, serve
 from fedserver_matrix.errors import matrix_error
 from fedserver_matrix.keyserver import KeyServer
@@ -83,7 +83,8 @@ class MatrixRoute(resource.Resource):
         return path, query, body
 
     def _serve(self, request: server.Request, work: Any, describe: str, request_id: str) -> int:
-        return serve(request, work, describe=describe, request_id=request_id, only=("content-type",),
+        # of the homeserver's (or the remote's) headers, only what Matrix defines passes
+        return serve(request, work, describe=describe, request_id=request_id, only=("content-type", "retry-after"),
                      deadline=self.deadline, clock=self.context.reactor, render_error=matrix_error)
 
 
@@ -110,11 +111,18 @@ class MatrixInward(MatrixRoute):
         )
 
     async def _handle(self, inbound: InboundRequest, request_id: str) -> Response:
+        # the pipeline authenticates, applies the peer's limits and counts the call
+        rpc = _route_name(inbound.path)
+        return await self.context.pipeline.handle_inbound(
+            inbound, "matrix", rpc, request_id,
+            serve=lambda peer: Deferred.fromCoroutine(self._serve_peer(inbound, rpc, request_id, peer)),
+        )
+
+    async def _serve_peer(self, inbound: InboundRequest, rpc: str, request_id: str, peer: Peer) -> Response:
         pipeline = self.context.pipeline
-        peer = await pipeline.authenticate(inbound)
         call = FederatedCall(
             origin_domain=peer.claimed_domain, target_domain=self.server_name, component="matrix",
-            rpc=_route_name(inbound.path), method=inbound.method, headers=inbound.headers, body=inbound.body,
+            rpc=rpc, method=inbound.method, headers=inbound.headers, body=inbound.body,
             request_id=request_id, peer=peer, path=inbound.path, query=inbound.query,
         )
         await pipeline.authorize_inbound(peer, call)
@@ -211,7 +219,9 @@ def fedserver_resources(context: Any) -> List[Tuple[str, bytes, resource.IResour
     if not _matrix_configured(context):
         return []
     name = server_name_of(context)
-    transactions = Transactions(context.storage, context.reactor)
+    # a transaction's lease outlasts the homeserver's deadline for processing it
+    transactions = Transactions(context.storage, context.reactor,
+                                lease_seconds=context.config.limits.component_timeout + 30)
     context.plugin_state["matrix.transactions"] = transactions
     return [
         ("inward", b"_matrix", MatrixRoot(MatrixInward(context, name, transactions),

@@ -5,13 +5,18 @@ the specification and Synapse's experience ask:
  - at most 50 PDUs and 100 EDUs, else 400;
  - a repeated C{(origin, txnId)} is answered with the first successful
    answer, for 24 hours and across restarts, without being processed again;
- - one transaction in flight per origin: another gets 429.
+ - one transaction in flight per origin: another gets 429 C{M_LIMIT_EXCEEDED}
+   with C{retry_after_ms} and C{Retry-After}.  The claim on an origin is a
+   lease row in the database, so fedserver processes sharing a PostgreSQL
+   database hold it together; the lease of a process that died mid-way
+   runs out after C{lease_seconds}.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Set
+import uuid
+from typing import Any, Callable, Optional, Tuple, Union
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
@@ -26,6 +31,8 @@ MAX_PDUS = 50
 MAX_EDUS = 100
 #: how long a transaction's answer is replayed, in milliseconds
 REPLAY_FOR_MS = 24 * 3600 * 1000
+#: what an origin whose transaction is in flight is told to wait
+RETRY_AFTER_SECONDS = 1
 
 SCHEMA = [
     """
@@ -39,19 +46,33 @@ SCHEMA = [
     );
     CREATE INDEX matrix_transactions_received ON matrix_transactions (received_ms)
     """,
+    """
+    CREATE TABLE matrix_transactions_in_flight (
+        origin TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_ms BIGINT NOT NULL
+    )
+    """,
 ]
+
+#: what L{Transactions._begin} found: a stored answer, the lease, or neither
+_Begun = Union[Tuple[int, bytes], bool]
 
 
 class Transactions:
     """
     @param store: the L{fedserver.storage.Store}; the schema is registered here.
+    @param lease_seconds: how long an origin stays claimed by a transaction
+        whose process died before it finished; longer than processing may
+        take (the component's deadline), or a second transaction of the
+        origin could start while the first is still processed.
     """
 
-    def __init__(self, store: Any, clock: Any) -> None:
+    def __init__(self, store: Any, clock: Any, *, lease_seconds: float = 60.0) -> None:
         store.register_schema("matrix-transactions", SCHEMA)
         self._store = store
         self._clock = clock
-        self._in_flight: Set[str] = set()
+        self._lease_ms = int(lease_seconds * 1000)
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -82,31 +103,56 @@ class Transactions:
         refusal = self.check(body)
         if refusal is not None:
             return refusal
-        rows = await self._store.run_query(
-            "SELECT code, body FROM matrix_transactions WHERE origin = ? AND txn_id = ? AND received_ms > ?",
-            (origin, txn_id, self._now_ms() - REPLAY_FOR_MS),
-        )
-        if rows:
-            code, stored = rows[0]
+        holder = uuid.uuid4().hex
+        begun: _Begun = await self._store.run_interaction(self._begin, origin, txn_id, holder, self._now_ms())
+        if isinstance(begun, tuple):
+            code, stored = begun
             log.info("transaction {txn_id} from {origin} seen before: answered again", txn_id=txn_id,
                      origin=origin)
             return Response(code, [("Content-Type", "application/json")], bytes(stored))
-        if origin in self._in_flight:
+        if not begun:
             return matrix_response(429, "M_LIMIT_EXCEEDED",
-                                   f"a transaction from {origin} is still being processed")
-        self._in_flight.add(origin)
+                                   f"a transaction from {origin} is still being processed",
+                                   headers=[("Retry-After", str(RETRY_AFTER_SECONDS))],
+                                   retry_after_ms=RETRY_AFTER_SECONDS * 1000)
+        answer: Optional[Response] = None
         try:
             response = await process()
             if 200 <= response.code < 300:
-                await self._store.run_operation(
-                    "INSERT INTO matrix_transactions (origin, txn_id, code, body, received_ms) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (origin, txn_id) DO UPDATE SET "
-                    "code = excluded.code, body = excluded.body, received_ms = excluded.received_ms",
-                    (origin, txn_id, response.code, response.body, self._now_ms()),
-                )
+                answer = response
             return response
         finally:
-            self._in_flight.discard(origin)
+            # the answer is stored and the lease let go in one transaction
+            await self._store.run_interaction(self._end, origin, txn_id, holder, answer, self._now_ms())
+
+    def _begin(self, cursor: Any, origin: str, txn_id: str, holder: str, now_ms: int) -> _Begun:
+        cursor.execute(
+            "SELECT code, body FROM matrix_transactions WHERE origin = ? AND txn_id = ? AND received_ms > ?",
+            (origin, txn_id, now_ms - REPLAY_FOR_MS),
+        )
+        row = cursor.fetchone()
+        if row is not None:
+            return int(row[0]), bytes(row[1])
+        # take the origin's lease unless another holds it and it has not run out
+        cursor.execute(
+            "INSERT INTO matrix_transactions_in_flight (origin, holder, expires_ms) VALUES (?, ?, ?) "
+            "ON CONFLICT (origin) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms "
+            "WHERE matrix_transactions_in_flight.expires_ms <= ?",
+            (origin, holder, now_ms + self._lease_ms, now_ms),
+        )
+        return bool(cursor.rowcount == 1)
+
+    @staticmethod
+    def _end(cursor: Any, origin: str, txn_id: str, holder: str, answer: Optional[Response], now_ms: int) -> None:
+        if answer is not None:
+            cursor.execute(
+                "INSERT INTO matrix_transactions (origin, txn_id, code, body, received_ms) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (origin, txn_id) DO UPDATE SET "
+                "code = excluded.code, body = excluded.body, received_ms = excluded.received_ms",
+                (origin, txn_id, answer.code, answer.body, now_ms),
+            )
+        cursor.execute("DELETE FROM matrix_transactions_in_flight WHERE origin = ? AND holder = ?",
+                       (origin, holder))
 
     def prune(self) -> Deferred[None]:
         """Forget the answers older than the replay window."""

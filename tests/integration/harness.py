@@ -133,6 +133,9 @@ class Component:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # the answer's head and body are two writes: without this, Nagle's algorithm holds the
+            # body until fedserver's delayed acknowledgement of the head, 40 ms later
+            disable_nagle_algorithm = True
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -154,7 +157,7 @@ class Component:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _ComponentServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -165,13 +168,20 @@ class Component:
         self.server.server_close()
 
 
+class _ComponentServer(http.server.ThreadingHTTPServer):
+    # fedserver opens up to 128 connections to a component at once; the
+    # default backlog of 5 would drop most of them
+    request_queue_size = 1024
+
+
 # fedserver processes
 
 class Fedserver:
     """A fedserver process under twistd (or twist), with its configuration."""
 
     def __init__(self, directory: str, name: str, config: Dict[str, Any], *, command: str = "twistd",
-                 env: Optional[Dict[str, str]] = None) -> None:
+                 env: Optional[Dict[str, str]] = None,
+                 preexec_fn: Optional[Callable[[], None]] = None) -> None:
         self.directory = directory
         self.name = name
         self.config_path = os.path.join(directory, f"{name}.toml")
@@ -186,7 +196,7 @@ class Fedserver:
         else:
             argv = [tool("twist"), f"--log-file={self.log_path}", "fedserver", "--config", self.config_path]
         self.process = subprocess.Popen(argv, cwd=directory, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         try:
             wait_for_port(self.inward_port, self.process)
             if self.outward_port:

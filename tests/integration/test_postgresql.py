@@ -36,7 +36,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psycopg
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 
 from fedserver.errors import ConfigError
 from fedserver.storage import POSTGRESQL, SQLITE, Store
@@ -747,6 +748,50 @@ async def test_matrix_transaction_answers_are_shared_by_two_stores(pg: Database)
     rows = pg_rows(url, "SELECT origin, txn_id, received_ms FROM matrix_transactions ORDER BY txn_id")
     assert [r[:2] for r in rows] == [("a.example", "txn1"), ("a.example", "txn2")]
     assert all(r[2] > 2**31 for r in rows)  # milliseconds: a 64-bit column
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_matrix_transaction_in_flight_per_origin_across_stores(pg: Database) -> None:
+    """Two processes' stores: while one processes a.example's transaction, the other refuses the next."""
+    from twisted.internet import reactor
+
+    from fedserver.values import Response
+    from fedserver_matrix.transactions import Transactions
+
+    url = pg.schema()
+    stores = [Store(url, reactor=reactor) for _ in range(2)]
+    workers = [Transactions(store, reactor) for store in stores]
+    stores[0].migrate()
+    for store in stores:
+        store.startService()
+    answer = Response(200, [("Content-Type", "application/json")], b'{"pdus": {}}')
+    pending: Deferred = Deferred()
+    calls: List[str] = []
+
+    def process(worker: str, result: Any) -> Any:
+        def run() -> Deferred:
+            calls.append(worker)
+            return result
+        return run
+
+    body = b'{"pdus": [], "edus": []}'
+    try:
+        first = workers[0].handle("a.example", "txn1", body, process("one", pending))
+        while not calls:  # the first has its lease and is processing
+            await bounded(deferLater(reactor, 0.01))
+        refused = await bounded(workers[1].handle("a.example", "txn2", body, process("two", succeed(answer))))
+        other = await bounded(workers[1].handle("b.example", "txn1", body, process("two", succeed(answer))))
+        pending.callback(answer)
+        assert (await bounded(first)).code == 200
+        after = await bounded(workers[1].handle("a.example", "txn2", body, process("two", succeed(answer))))
+    finally:
+        for store in stores:
+            store.stopService()
+    assert (refused.code, json.loads(refused.body)["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+    assert ("Retry-After", "1") in refused.headers
+    assert other.code == after.code == 200
+    assert calls == ["one", "two", "two"]  # a.example's txn2 only once the lease was let go
+    assert pg_rows(url, "SELECT COUNT(*) FROM matrix_transactions_in_flight") == [(0,)]
 
 
 @pytest_twisted.ensureDeferred

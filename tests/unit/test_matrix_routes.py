@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from types import SimpleNamespace
-from typing import Any, List, Sequence
+from typing import Any, List, Sequence, Set
 
 import pytest
 from twisted.internet import defer
@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from fedserver.builtin.allow_list import AllowList
 from fedserver.config import Limits
 from fedserver.errors import AuthenticationFailure, FederationError
-from fedserver.pipeline import Pipeline
+from fedserver.pipeline import CallOutcome, Pipeline
 from fedserver.values import Peer, Response, Target
 from fedserver.web import ListenerRoot
 from fedserver_matrix.errors import matrix_error
@@ -29,14 +29,17 @@ from tests.unit.helpers import FakeClient, FakeComponent, FakeDiscovery, HTTPCon
 
 
 class SyncStore:
-    """The three storage methods Transactions uses, on in-memory SQLite, synchronously."""
+    """The storage methods Transactions uses, on in-memory SQLite, synchronously."""
 
     def __init__(self) -> None:
         self.db = sqlite3.connect(":memory:")
+        self.owners: Set[str] = set()
 
     def register_schema(self, owner: str, steps: Sequence[str]) -> None:
-        for step in steps:
-            self.db.executescript(step)
+        if owner not in self.owners:  # two rigs may share one store, as two processes share a database
+            self.owners.add(owner)
+            for step in steps:
+                self.db.executescript(step)
 
     def run_query(self, sql: str, params: Sequence[Any] = ()) -> Deferred:
         return defer.succeed(self.db.execute(sql, params).fetchall())
@@ -44,6 +47,10 @@ class SyncStore:
     def run_operation(self, sql: str, params: Sequence[Any] = ()) -> Deferred:
         self.db.execute(sql, params)
         return defer.succeed(None)
+
+    def run_interaction(self, work: Any, *args: Any) -> Deferred:
+        with self.db:
+            return defer.succeed(work(self.db.cursor(), *args))
 
 
 class SignatureAuthenticator:
@@ -65,23 +72,24 @@ class SignatureAuthenticator:
         return defer.succeed(request.with_header("Authorization", "X-Matrix signed"))
 
 
-def make_rig(component: Any = None, client: Any = None) -> Any:
+def make_rig(component: Any = None, client: Any = None, store: Any = None, **limits: Any) -> Any:
     clock = Clock()
     component = component or FakeComponent(json_response(200, {"ok": True}))
     client = client or FakeClient()
     pipeline = Pipeline(
         backend_domain="a.example", discovery=FakeDiscovery({"b.example": [Target("b.example", "127.0.0.1", 8448)]}),
         authenticator=SignatureAuthenticator(), authorizers=[AllowList(frozenset({"b.example", "c.example"}))],
-        components={"matrix": component}, client=client,
+        components={"matrix": component}, client=client, **limits,
     )
     config = SimpleNamespace(limits=Limits(max_body_bytes=4000))
     context = SimpleNamespace(pipeline=pipeline, reactor=clock, config=config)
-    transactions = Transactions(SyncStore(), clock)
+    transactions = Transactions(store or SyncStore(), clock, lease_seconds=LEASE_SECONDS)
     inward, outward = ListenerRoot("inward listener"), ListenerRoot("outward listener")
     inward.mount(b"_matrix", MatrixRoot(MatrixInward(context, "a.example", transactions)))
     outward.mount(b"_matrix", MatrixRoot(MatrixOutward(context, "a.example")))
     return SimpleNamespace(clock=clock, component=component, client=client, transactions=transactions,
-                           inward=site_for(inward, max_body_bytes=4000), outward=site_for(outward, max_body_bytes=4000))
+                           pipeline=pipeline, inward=site_for(inward, max_body_bytes=4000),
+                           outward=site_for(outward, max_body_bytes=4000))
 
 
 def ask(site: Any, method: bytes, path: bytes, body: bytes = b"", headers: List = ()) -> Any:  # type: ignore[assignment]
@@ -98,6 +106,7 @@ def matrix(answer: Any, status: int, errcode: str) -> dict:
 
 
 FROM_B = [(b"X-Test-Origin", b"b.example")]
+LEASE_SECONDS = 90
 
 
 def test_an_authenticated_request_reaches_the_component_as_it_came():
@@ -181,12 +190,81 @@ def test_one_transaction_in_flight_per_origin():
     rig = make_rig(FakeComponent(pending))
     first = HTTPConnection.to(rig.inward)
     first.request(b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B)
-    matrix(ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t2", transaction(), FROM_B), 429,
-           "M_LIMIT_EXCEEDED")
+    refused = ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t2", transaction(), FROM_B)
+    assert matrix(refused, 429, "M_LIMIT_EXCEEDED")["retry_after_ms"] == 1000
+    assert refused.header("Retry-After") == "1"
     pending.callback(json_response(200, {"pdus": {}}))
     assert first.answer().code == 200
     rig.component.answer = json_response(200, {"pdus": {}})
     assert ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t2", transaction(), FROM_B).code == 200
+
+
+def test_the_origin_is_held_for_every_process_sharing_the_database():
+    """Two fedserver processes on one database: the lease row, not process memory, holds the origin."""
+    store = SyncStore()
+    pending: Deferred = Deferred()
+    one, two = make_rig(FakeComponent(pending), store=store), make_rig(store=store)
+    first = HTTPConnection.to(one.inward)
+    first.request(b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B)
+    matrix(ask(two.inward, b"PUT", b"/_matrix/federation/v1/send/t2", transaction(), FROM_B), 429,
+           "M_LIMIT_EXCEEDED")
+    assert two.component.calls == []
+    # another origin is not held back
+    assert ask(two.inward, b"PUT", b"/_matrix/federation/v1/send/t2", transaction(),
+               [(b"X-Test-Origin", b"c.example")]).code == 200
+    pending.callback(json_response(200, {"pdus": {}}))
+    assert first.answer().code == 200
+    assert store.db.execute("SELECT COUNT(*) FROM matrix_transactions_in_flight").fetchone() == (0,)
+    assert ask(two.inward, b"PUT", b"/_matrix/federation/v1/send/t2", transaction(), FROM_B).code == 200
+
+
+def test_the_lease_of_a_process_that_died_runs_out():
+    store = SyncStore()
+    rig = make_rig(store=store)
+    # a process that took b.example's lease and died before letting it go
+    now_ms = int(rig.clock.seconds() * 1000)
+    store.db.execute("INSERT INTO matrix_transactions_in_flight VALUES ('b.example', 'dead', ?)",
+                     (now_ms + LEASE_SECONDS * 1000,))
+    matrix(ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B), 429,
+           "M_LIMIT_EXCEEDED")
+    rig.clock.advance(LEASE_SECONDS)
+    assert ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B).code == 200
+    assert len(rig.component.calls) == 1
+
+
+def test_a_transaction_that_fails_lets_the_origin_go():
+    rig = make_rig(FakeComponent(defer.fail(FederationError("the homeserver is down", "component-unavailable"))))
+    assert ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B).code == 502
+    assert rig.transactions._store.db.execute("SELECT COUNT(*) FROM matrix_transactions_in_flight").fetchone() == (0,)
+    rig.component.answer = json_response(200, {"pdus": {}})
+    assert ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B).code == 200
+
+
+def test_inbound_calls_are_told_to_the_pipeline_observers():
+    """The metrics and the per-domain status see Matrix's inbound calls as they see Wire's."""
+    rig = make_rig()
+    seen: List[CallOutcome] = []
+    rig.pipeline.observers.append(seen.append)
+    ask(rig.inward, b"GET", b"/_matrix/federation/v1/query/profile?user_id=%40a%3Aa.example", b"", FROM_B)
+    ask(rig.inward, b"GET", b"/_matrix/federation/v1/version", b"", [(b"X-Test-Origin", b"evil.example")])
+    assert [(o.direction, o.domain, o.component, o.rpc, o.label, o.code) for o in seen] == [
+        ("inbound", "b.example", "matrix", "query", None, 200),
+        # the label's own status (Wire's 400); the Matrix peer was answered 403 M_FORBIDDEN
+        ("inbound", "evil.example", "matrix", "version", "federation-denied", 400),
+    ]
+
+
+def test_a_peer_over_its_limit_gets_m_limit_exceeded_with_retry_after():
+    pending: Deferred = Deferred()
+    rig = make_rig(FakeComponent(pending), max_inbound_per_peer=1)
+    first = HTTPConnection.to(rig.inward)
+    first.request(b"GET", b"/_matrix/federation/v1/query/profile?user_id=%40a%3Aa.example", b"", FROM_B)
+    refused = ask(rig.inward, b"GET", b"/_matrix/federation/v1/version", b"", FROM_B)
+    body = matrix(refused, 429, "M_LIMIT_EXCEEDED")
+    assert (body["fedserver_label"], body["retry_after_ms"], refused.header("Retry-After")) == (
+        "too-many-requests", 1000, "1")
+    pending.callback(json_response(200, {"ok": True}))
+    assert first.answer().code == 200
 
 
 def test_pruning_forgets_answers_older_than_the_window():
