@@ -204,7 +204,8 @@ class Deduplicator(Service):
     ) -> Response:
         origin, key = ident
         now = self._now_ms()
-        state, answer = await self._store.run_interaction(
+        # calls arriving at the same moment share one commit
+        state, answer = await self._store.run_grouped(
             _claim, origin, key, print_, now, now - int(self.ttl * 1000), now - int(self.pending_timeout * 1000)
         )
         if state == "kept":
@@ -228,11 +229,7 @@ class Deduplicator(Service):
             failure.raiseException()
         if isinstance(response, Response) and isinstance(response.body, bytes) and kept(response.code):
             try:
-                await self._store.run_operation(
-                    "UPDATE fedserver_idempotency SET code = ?, content_type = ?, body = ? "
-                    "WHERE origin = ? AND idem_key = ?",
-                    (response.code, response.header("Content-Type"), response.body, origin, key),
-                )
+                await self._store.run_grouped(_keep, origin, key, response)
             except Exception:
                 # the answer stands; a repeat finds the claim and, once it is abandoned, runs again
                 log.failure("keeping the answer to call {key} from {origin} failed [request {request_id}]",
@@ -250,6 +247,13 @@ class Deduplicator(Service):
         except Exception:
             log.failure("releasing call {key} from {origin} failed [request {request_id}]",
                         origin=origin, key=key, request_id=request_id)
+
+
+def _keep(cursor: Any, origin: str, key: str, response: Response) -> None:
+    cursor.execute(
+        "UPDATE fedserver_idempotency SET code = ?, content_type = ?, body = ? WHERE origin = ? AND idem_key = ?",
+        (response.code, response.header("Content-Type"), response.body, origin, key),
+    )
 
 
 def _reused(key: str) -> FederationError:

@@ -28,6 +28,20 @@ ERRCODES: Dict[str, Tuple[int, str]] = {
 }
 
 
+class MatrixRefusal(FederationError):
+    """
+    A refusal a Matrix route raises with its own Matrix error code and
+    status, which L{matrix_error} answers (the label stays for fedserver's
+    logs and metrics).
+    """
+
+    def __init__(self, message: str, errcode: str = "M_BAD_JSON", status: int = 400,
+                 label: str = "invalid-json") -> None:
+        super().__init__(message, label)
+        self.errcode = errcode
+        self.matrix_status = status
+
+
 def matrix_response(status: int, errcode: str, message: str, *, headers: Sequence[Tuple[str, str]] = (),
                     **extra: object) -> Response:
     """A Matrix error answer, with C{headers} beside its Content-Type."""
@@ -46,6 +60,6 @@ def matrix_error(error: FederationError) -> Response:
     errcode = getattr(error, "errcode", None) or errcode
     extra: Dict[str, object] = {"fedserver_label": error.label}
     for name, value in error.headers:
-        if name.lower() == "retry-after" and value.isdigit():
+        if name.lower() == "retry-after" and value.isascii() and value.isdigit():
             extra["retry_after_ms"] = int(value) * 1000
     return matrix_response(status, errcode, error.message, headers=error.headers, **extra)

@@ -42,7 +42,7 @@ from twisted.web import resource, server
 from fedserver.errors import FederationError
 from fedserver.values import Response
 from fedserver.web import body_of, refuse, request_id_from, serve, write_response
-from fedserver_matrix.errors import matrix_error, matrix_response
+from fedserver_matrix.errors import MatrixRefusal, matrix_error, matrix_response
 from fedserver_matrix.keyring import ServerKey
 from fedserver_matrix.xmatrix import is_server_name
 
@@ -59,13 +59,8 @@ MAX_KEY_IDS = 100
 MAX_QUERY_BYTES = 64 * 1024
 
 
-class NotaryQueryError(FederationError):
+class NotaryQueryError(MatrixRefusal):
     """A notary query that is refused, with its Matrix error code and status."""
-
-    def __init__(self, message: str, errcode: str = "M_BAD_JSON", status: int = 400) -> None:
-        super().__init__(message, "invalid-json")
-        self.errcode = errcode
-        self.matrix_status = status
 
 
 #: one server's part of a query: the key ids asked for (none: all), and until when they must be valid (ms)

@@ -219,9 +219,10 @@ def fedserver_resources(context: Any) -> List[Tuple[str, bytes, resource.IResour
     if not _matrix_configured(context):
         return []
     name = server_name_of(context)
-    # a transaction's lease outlasts the homeserver's deadline for processing it
+    # a transaction's lease outlasts the route's deadline (MatrixRoute.deadline)
+    limits = context.config.limits
     transactions = Transactions(context.storage, context.reactor,
-                                lease_seconds=context.config.limits.component_timeout + 30)
+                                lease_seconds=limits.request_timeout + limits.component_timeout + 30)
     context.plugin_state["matrix.transactions"] = transactions
     return [
         ("inward", b"_matrix", MatrixRoot(MatrixInward(context, name, transactions),

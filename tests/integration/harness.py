@@ -180,8 +180,7 @@ class Fedserver:
     """A fedserver process under twistd (or twist), with its configuration."""
 
     def __init__(self, directory: str, name: str, config: Dict[str, Any], *, command: str = "twistd",
-                 env: Optional[Dict[str, str]] = None,
-                 preexec_fn: Optional[Callable[[], None]] = None) -> None:
+                 env: Optional[Dict[str, str]] = None, soft_open_files: Optional[int] = None) -> None:
         self.directory = directory
         self.name = name
         self.config_path = os.path.join(directory, f"{name}.toml")
@@ -195,8 +194,11 @@ class Fedserver:
                     "--config", self.config_path]
         else:
             argv = [tool("twist"), f"--log-file={self.log_path}", "fedserver", "--config", self.config_path]
+        if soft_open_files is not None:
+            # started with this soft limit of open files, as from a shell (exec keeps the pid)
+            argv = ["sh", "-c", f'ulimit -Sn {soft_open_files} && exec "$@"', "sh", *argv]
         self.process = subprocess.Popen(argv, cwd=directory, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+                                        stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.inward_port, self.process)
             if self.outward_port:

@@ -39,7 +39,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 
-from fedserver.errors import ConfigError
+from fedserver.errors import ConfigError, FederationError
 from fedserver.storage import POSTGRESQL, SQLITE, Store
 from tests.integration.harness import Fedserver, free_port, stop, to_toml
 
@@ -779,7 +779,8 @@ async def test_one_matrix_transaction_in_flight_per_origin_across_stores(pg: Dat
         first = workers[0].handle("a.example", "txn1", body, process("one", pending))
         while not calls:  # the first has its lease and is processing
             await bounded(deferLater(reactor, 0.01))
-        refused = await bounded(workers[1].handle("a.example", "txn2", body, process("two", succeed(answer))))
+        with pytest.raises(FederationError) as refused:
+            await bounded(workers[1].handle("a.example", "txn2", body, process("two", succeed(answer))))
         other = await bounded(workers[1].handle("b.example", "txn1", body, process("two", succeed(answer))))
         pending.callback(answer)
         assert (await bounded(first)).code == 200
@@ -787,10 +788,53 @@ async def test_one_matrix_transaction_in_flight_per_origin_across_stores(pg: Dat
     finally:
         for store in stores:
             store.stopService()
-    assert (refused.code, json.loads(refused.body)["errcode"]) == (429, "M_LIMIT_EXCEEDED")
-    assert ("Retry-After", "1") in refused.headers
+    assert (refused.value.code, refused.value.label) == (429, "too-many-requests")
+    assert refused.value.headers == [("Retry-After", "1")]
     assert other.code == after.code == 200
     assert calls == ["one", "two", "two"]  # a.example's txn2 only once the lease was let go
+    assert pg_rows(url, "SELECT COUNT(*) FROM matrix_transactions_in_flight") == [(0,)]
+
+
+def test_a_transaction_answered_while_another_process_waits_is_replayed(pg: Database) -> None:
+    """
+    Process A stores its answer to txn1 and lets the origin go in one
+    database transaction; process B, asked the same txn1 meanwhile, waits
+    for A's commit on the lease and then replays A's answer: it does not
+    take the origin and process txn1 a second time.
+    """
+    from fedserver import _postgresql
+    from fedserver.values import Response
+    from fedserver_matrix.transactions import Transactions
+
+    url = pg.schema()
+    store = Store(url, reactor=None)
+    transactions = Transactions(store, None)
+    store.migrate()
+    answer = Response(200, [("Content-Type", "application/json")], b'{"pdus": {}}')
+    now = int(time.time() * 1000)
+    with _postgresql.connect(url) as a, _postgresql.connect(url) as b:
+        a_cursor, b_cursor = a.cursor(), b.cursor()
+        a_cursor.execute("BEGIN")
+        assert transactions._begin(a_cursor, "a.example", "txn1", "process-a", now) is True
+        a_cursor.execute("COMMIT")
+        # A has processed txn1: its answer and the release, not committed yet
+        a_cursor.execute("BEGIN")
+        Transactions._end(a_cursor, "a.example", "txn1", "process-a", answer, now)
+        seen: List[Any] = []
+
+        def process_b() -> None:
+            b_cursor.execute("BEGIN")
+            seen.append(transactions._begin(b_cursor, "a.example", "txn1", "process-b", now))
+            b_cursor.execute("COMMIT")
+
+        waiter = threading.Thread(target=process_b)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive(), f"B did not wait for A's lease: {seen}"
+        a_cursor.execute("COMMIT")
+        waiter.join(BOUND)
+        assert not waiter.is_alive()
+    assert seen == [(200, b'{"pdus": {}}')]
     assert pg_rows(url, "SELECT COUNT(*) FROM matrix_transactions_in_flight") == [(0,)]
 
 

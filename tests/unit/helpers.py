@@ -535,11 +535,13 @@ plugin = "static"
 """
 
 
-def minimal_config_file(directory: Any, backend: str, infra: str, *, outward: bool = False) -> Callable[..., str]:
+def minimal_config_file(directory: Any, backend: str, infra: str, *, outward: bool = False,
+                        authenticator: str = 'plugin = "mtls"') -> Callable[..., str]:
     """
-    A writer of a minimal, complete configuration for C{backend} (mtls with
-    a fresh CA and certificate, static discovery, allow-all): call it with
-    extra TOML to append; it returns the file's path.
+    A writer of a minimal, complete configuration for C{backend} (mtls, or
+    the C{[authenticator]} table's lines C{authenticator}, with a fresh CA
+    and certificate, static discovery, allow-all): call it with extra TOML
+    to append; it returns the file's path.
     """
     ca = pki.make_ca()
     ca_path, _ = pki.write_issued(str(directory), "ca", ca)
@@ -564,7 +566,7 @@ ca_certificates = ["{ca_path}"]
 [discovery]
 plugin = "static"
 [authenticator]
-plugin = "mtls"
+{authenticator}
 [[authorizers]]
 plugin = "allow-list"
 allow_all = true

@@ -15,17 +15,28 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 
 from fedserver.builtin.allow_list import AllowList
 from fedserver.config import Limits
 from fedserver.errors import AuthenticationFailure, FederationError
 from fedserver.pipeline import CallOutcome, Pipeline
+from fedserver.service import build_service
 from fedserver.values import Peer, Response, Target
 from fedserver.web import ListenerRoot
 from fedserver_matrix.errors import matrix_error
 from fedserver_matrix.routes import MatrixInward, MatrixOutward, MatrixRoot
 from fedserver_matrix.transactions import MAX_EDUS, MAX_PDUS, REPLAY_FOR_MS, Transactions
-from tests.unit.helpers import FakeClient, FakeComponent, FakeDiscovery, HTTPConnection, json_response, site_for
+from tests.unit.helpers import (
+    FakeClient,
+    FakeComponent,
+    FakeDiscovery,
+    HTTPConnection,
+    json_response,
+    minimal_config_file,
+    site_for,
+)
 
 
 class SyncStore:
@@ -51,6 +62,35 @@ class SyncStore:
     def run_interaction(self, work: Any, *args: Any) -> Deferred:
         with self.db:
             return defer.succeed(work(self.db.cursor(), *args))
+
+
+class SlowStore(SyncStore):
+    """A store whose interactions wait until the test runs them, as a database thread would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: List[Any] = []
+        self.fail_next = False
+
+    def run_interaction(self, work: Any, *args: Any) -> Deferred:
+        d: Deferred = Deferred()  # no canceller: the database cannot be stopped half-way
+        self.pending.append((work, args, d))
+        return d
+
+    def run_pending(self) -> None:
+        """Run the interactions asked for so far (not those they lead to)."""
+        pending, self.pending = self.pending, []
+        for work, args, d in pending:
+            if self.fail_next:
+                self.fail_next = False
+                d.errback(sqlite3.OperationalError("disk I/O error"))
+                continue
+            with self.db:
+                result = work(self.db.cursor(), *args)
+            if not d.called:
+                d.callback(result)
+            else:
+                d.result = None  # the caller cancelled: what the database did is done all the same
 
 
 class SignatureAuthenticator:
@@ -232,6 +272,51 @@ def test_the_lease_of_a_process_that_died_runs_out():
     assert len(rig.component.calls) == 1
 
 
+def leases(store: SyncStore) -> int:
+    return store.db.execute("SELECT COUNT(*) FROM matrix_transactions_in_flight").fetchone()[0]
+
+
+def test_a_caller_that_gives_up_while_the_lease_is_taken_lets_it_go():
+    store = SlowStore()
+    transactions = Transactions(store, Clock(), lease_seconds=LEASE_SECONDS)
+    called = []
+    d = transactions.handle("b.example", "t1", transaction(), lambda: called.append(1) or defer.succeed(None))
+    d.addErrback(lambda f: f.trap(defer.CancelledError))
+    d.cancel()  # the deadline, or the peer went away, while the database takes the lease
+    store.run_pending()  # the lease is taken for nobody, then let go
+    store.run_pending()
+    assert called == [] and leases(store) == 0
+
+
+def test_a_database_failure_after_processing_keeps_the_answer():
+    store = SlowStore()
+    transactions = Transactions(store, Clock(), lease_seconds=LEASE_SECONDS)
+    answer = json_response(200, {"pdus": {}})
+    d = transactions.handle("b.example", "t1", transaction(), lambda: defer.succeed(answer))
+    store.run_pending()  # the lease
+    store.fail_next = True
+    with capturedLogs() as events:
+        store.run_pending()  # storing the answer fails
+    assert d.result is answer  # the peer still gets the homeserver's answer
+    assert any("storing the answer to transaction t1 from b.example" in formatEvent(e) for e in events)
+
+
+def test_the_lease_outlasts_the_route_deadline(tmp_path):
+    """A lease shorter than the route's deadline would let a second transaction start beside a slow first."""
+    from signedjson.key import generate_signing_key
+
+    from fedserver_matrix.keys import write_signing_keys
+
+    key_path = str(tmp_path / "signing.key")
+    write_signing_keys(key_path, [generate_signing_key("k1")])
+    path = minimal_config_file(
+        tmp_path, "a.example", "a.example",
+        authenticator=f'plugin = "matrix-signature"\nsigning_key = "{key_path}"',
+    )('[limits]\nrequest_timeout = 100\ncomponent_timeout = 40\n')
+    service = build_service(path, reactor=MemoryReactorClock(), listen=False)
+    assert service.context.plugin_state["matrix.transactions"]._lease_ms == (100 + 40 + 30) * 1000
+
+
 def test_a_transaction_that_fails_lets_the_origin_go():
     rig = make_rig(FakeComponent(defer.fail(FederationError("the homeserver is down", "component-unavailable"))))
     assert ask(rig.inward, b"PUT", b"/_matrix/federation/v1/send/t1", transaction(), FROM_B).code == 502
@@ -265,6 +350,8 @@ def test_a_peer_over_its_limit_gets_m_limit_exceeded_with_retry_after():
         "too-many-requests", 1000, "1")
     pending.callback(json_response(200, {"ok": True}))
     assert first.answer().code == 200
+    rig.component.answer = json_response(200, {"ok": True})
+    assert ask(rig.inward, b"GET", b"/_matrix/federation/v1/version", b"", FROM_B).code == 200  # counted back
 
 
 def test_pruning_forgets_answers_older_than_the_window():

@@ -1,0 +1,461 @@
+"""
+The durable outbound queue benchmark: how fast one-way calls are accepted
+and delivered, on SQLite and on PostgreSQL, beside the same calls sent
+directly, in one run on 127.0.0.1 (issue 8).
+
+    python bench/outbound_queue.py [--seconds 5] [--connections 32] [--destinations 8]
+                          [--postgresql URL] [--only SCENARIO ...] [--profile] [--json FILE] [--keep]
+
+Run it with the Python fedserver is installed in.  It needs wrk
+(C{apt-get install -y wrk}) and, for the PostgreSQL scenarios, a server at
+C{--postgresql} (default C{postgresql://127.0.0.1:5432/postgres}, where the
+bench creates a database of its own and drops it at the end).  It installs
+nothing itself.
+
+b.example (C{twistd -n fedserver}, SQLite) answers through bench/component.py
+and deduplicates on the queue's idempotency keys, as every receiver does.
+a.example (SQLite or PostgreSQL) takes wrk's POSTs on its outward listener
+and sends them to b.example over mutual TLS; the C{--destinations} domains
+C{d0.example ...} are all served by b.example, so that the queue has that
+many destinations to deliver to in parallel:
+
+- C{direct}: C{POST /rpc/b.example/brig/on-bench}, answered with the
+  remote's answer (the baseline);
+- C{queued-sqlite-1}: the same with C{Fedserver-Delivery: queued}, answered
+  202 once committed, to one destination (delivered one at a time, in
+  order);
+- C{queued-sqlite}: queued, spread over the destinations;
+- C{queued-postgresql}: the same with a.example on PostgreSQL;
+- C{queued-postgresql-2}: two a.example processes (workers) on one
+  PostgreSQL database, each loaded by its own wrk with half the connections.
+
+For the queued scenarios wrk loads for C{--seconds}; then the bench waits
+until a.example's queue is empty (C{fedserver_queue_depth} on C{/metrics}) and
+reports the calls accepted per second (wrk), the calls delivered per second
+(accepted calls over the time from the start of the load to the empty
+queue) and the calls b.example's component ran (from b.example's
+C{/metrics}: each accepted call must reach it once).  Prints a table and
+ratios, writes bench/results/queue-latest.json (and --json FILE).  Exits 0
+when everything ran and every accepted call reached b.example once,
+1 otherwise, 2 when wrk is missing.  Every process it starts is stopped, and
+the PostgreSQL database dropped, before it exits, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import secrets
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit, urlunsplit
+
+from run import (
+    BENCH,
+    BIN,
+    Processes,
+    ScenarioError,
+    add_output_arguments,
+    cpu_seconds,
+    finish,
+    finish_profile,
+    free_port,
+    interrupted_exit,
+    machine,
+    now,
+    peak_rss_mb,
+    py_spy_missing,
+    record_profile,
+    run_wrk,
+    start_fedserver,
+    start_work,
+    wind_down,
+    wrk_cells,
+    wrk_missing,
+)
+
+A, B = ("a.example", "fed.a.example"), ("b.example", "fed.b.example")
+RPC = "on-bench"
+BODY = '{"conversation":"5a4d7f2e-9c1b-4e0a-8f3d-2b6c1e9a7d40","message":"hello, b.example"}'
+#: seconds the queue may take to empty after the load, at most
+DRAIN_WAIT = 600.0
+POSTGRESQL = os.environ.get("FEDSERVER_BENCH_POSTGRESQL", "postgresql://127.0.0.1:5432/postgres")
+
+#: name -> (what it measures, storage, destinations ("one" or "all"), workers, queued)
+SCENARIOS: Dict[str, Tuple[str, str, str, int, bool]] = {
+    "direct": ("direct calls, answered with the remote's answer", "sqlite", "one", 1, False),
+    "queued-sqlite-1": ("queued, one destination, SQLite", "sqlite", "one", 1, True),
+    "queued-sqlite": ("queued, all destinations, SQLite", "sqlite", "all", 1, True),
+    "queued-postgresql": ("queued, all destinations, PostgreSQL", "postgresql", "all", 1, True),
+    "queued-postgresql-2": ("queued, all destinations, PostgreSQL, two workers", "postgresql", "all", 2, True),
+}
+
+
+class Database:
+    """A PostgreSQL database of the bench's own, dropped by L{drop}."""
+
+    def __init__(self, admin_url: str) -> None:
+        import psycopg
+
+        try:
+            self._admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
+        except psycopg.Error as e:
+            raise ScenarioError(f"PostgreSQL does not answer at {admin_url}: {str(e).strip()[:200]} "
+                                "(--postgresql URL names another server)") from None
+        self.name = f"fedserver_bench_{secrets.token_hex(6)}"
+        self._admin.execute(f"CREATE DATABASE {self.name} TEMPLATE template0 ENCODING 'UTF8' "
+                            "LC_COLLATE 'C' LC_CTYPE 'C'")
+        self.url = urlunsplit(urlsplit(admin_url)._replace(path="/" + self.name))
+        self._schemas = 0
+
+    def schema(self) -> str:
+        """The URL of a fresh schema in the database, for one scenario."""
+        import psycopg
+
+        self._schemas += 1
+        name = f"scenario_{self._schemas}"
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(f"CREATE SCHEMA {name}")
+        return f"{self.url}?options=-csearch_path%3D{name}"
+
+    def drop(self) -> None:
+        self._admin.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+        self._admin.close()
+
+
+class Bench:
+    """The work folder, the PKI, the component and how the scenarios start."""
+
+    def __init__(self, workdir: str, processes: Processes, args: argparse.Namespace) -> None:
+        from fedserver.pki import issue, make_ca, write_issued
+
+        self.workdir, self.processes, self.args = workdir, processes, args
+        pki = os.path.join(workdir, "pki")
+        os.makedirs(pki)
+        ca = make_ca("fedserver queue bench CA")
+        self.ca_path, _ = write_issued(pki, "ca", ca)
+        self.tls = {infra: write_issued(pki, infra, issue(ca, [infra]), chain=[ca]) for _, infra in (A, B)}
+        self.destinations = [f"d{i}.example" for i in range(args.destinations)]
+        self.database: Optional[Database] = None
+        self.component_port = free_port()
+        self.component = processes.start("component", [sys.executable, os.path.join(BENCH, "component.py"),
+                                                       "--port", str(self.component_port)], [self.component_port])
+
+    def script(self, name: str, destinations: List[str], queued: bool) -> str:
+        """A wrk script POSTing the body to C{destinations} in turn."""
+        path = os.path.join(self.workdir, f"{name}.lua")
+        delivery = "queued" if queued else "direct"
+        names = ", ".join(f'"{d}"' for d in destinations)
+        with open(path, "w") as f:
+            f.write(f'local destinations = {{{names}}}\nlocal n = 0\n'
+                    f'wrk.method = "POST"\nwrk.body = \'{BODY}\'\n'
+                    'wrk.headers["Content-Type"] = "application/json"\n'
+                    f'wrk.headers["Fedserver-Delivery"] = "{delivery}"\n'
+                    'request = function()\n'
+                    '  n = n + 1\n'
+                    f'  return wrk.format(nil, "/rpc/" .. destinations[n % #destinations + 1] .. "/brig/{RPC}")\n'
+                    'end\n')
+        return path
+
+    def config(self, own: Tuple[str, str], *, inward: int, outward: int, data: str, discovery: Dict[str, Any],
+               allow: Sequence[str], database: Optional[str] = None,
+               components: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        cert, key = self.tls[own[1]]
+        config: Dict[str, Any] = {
+            "server": {"backend_domain": own[0], "infra_domain": own[1], "data_dir": os.path.join(self.workdir, data)},
+            "inward": {"listen": f"tcp:{inward}:interface=127.0.0.1"},
+            "outward": {"listen": f"tcp:{outward}:interface=127.0.0.1"},
+            "tls": {"certificate": cert, "private_key": key, "ca_certificates": [self.ca_path]},
+            "discovery": {"plugin": "static", "domains": discovery},
+            "authenticator": {"plugin": "mtls"},
+            "authorizers": [{"plugin": "allow-list", "domains": list(allow)}],
+            "logging": {"format": "text"},
+        }
+        if database is not None:
+            config["storage"] = {"database": database}
+        if components:
+            config["components"] = components
+        return config
+
+    def start(self, name: str, storage: str, workers: int) -> Tuple[Dict[str, Any], List[int], int]:
+        """b.example and C{workers} a.example processes: (processes, a's outward ports, b's outward port)."""
+        b_in, b_out = free_port(), free_port()
+        a_ports = [(free_port(), free_port()) for _ in range(workers)]
+        served_by_b = {"infra_domain": B[1], "host": "127.0.0.1", "port": b_in}
+        b = start_fedserver(self.processes, f"{name}-b", self.config(
+            B, inward=b_in, outward=b_out, data=f"var/{name}-b",
+            discovery={A[0]: {"infra_domain": A[1], "host": "127.0.0.1", "port": a_ports[0][0]}}, allow=[A[0]],
+            components={"brig": {"plugin": "http-forward", "url": f"http://127.0.0.1:{self.component_port}"}},
+        ), [b_in, b_out])
+        database = None
+        if storage == "postgresql":
+            if self.database is None:
+                self.database = Database(self.args.postgresql)
+            database = self.database.schema()
+        processes: Dict[str, Any] = {"b": b}
+        for i, (a_in, a_out) in enumerate(a_ports):
+            label = "a" if workers == 1 else f"a{i + 1}"
+            processes[label] = start_fedserver(self.processes, f"{name}-{label}", self.config(
+                A, inward=a_in, outward=a_out, data=f"var/{name}-{label}", database=database,
+                discovery={B[0]: served_by_b, **{d: served_by_b for d in self.destinations}},
+                allow=[B[0], *self.destinations],
+            ), [a_in, a_out])
+        return processes, [out for _, out in a_ports], b_out
+
+
+def metric_sum(port: int, name: str, **labels: str) -> float:
+    """The sum of metric C{name}'s samples (with C{labels}) on 127.0.0.1:C{port}/metrics."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        series, _, value = line.rpartition(" ")
+        if all(f'{key}="{wanted}"' in series for key, wanted in labels.items()):
+            total += float(value)
+    return total
+
+
+def delivered_by(a_outward: List[int]) -> float:
+    """The calls a.example's queue workers delivered so far."""
+    return sum(metric_sum(port, "fedserver_queue_attempts_total", outcome="delivered") for port in a_outward)
+
+
+def queued_once(port: int, destination: str, queued: bool) -> None:
+    """One call through the outward listener, which must be answered 202 (queued) or 200 (direct)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("POST", f"/rpc/{destination}/brig/{RPC}", body=BODY, headers={
+            "Content-Type": "application/json", "Fedserver-Delivery": "queued" if queued else "direct"})
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    if response.status != (202 if queued else 200):
+        raise ScenarioError(f"the first call to {destination} was answered {response.status} {body[:300]!r}")
+
+
+def measure(bench: Bench, name: str) -> Dict[str, Any]:
+    title, storage, spread, workers, queued = SCENARIOS[name]
+    args = bench.args
+    destinations = [B[0]] if spread == "one" else bench.destinations
+    processes, a_outward, b_outward = bench.start(name, storage, workers)
+    try:
+        for port in a_outward:
+            queued_once(port, destinations[0], queued)
+        wait_empty(a_outward)
+        ran_before = metric_sum(b_outward, "fedserver_inbound_requests_total", peer=A[0], outcome="success")
+        delivered_before = delivered_by(a_outward)
+        script = bench.script(name, destinations, queued)
+        share = argparse.Namespace(threads=1, connections=max(1, args.connections // workers))
+        busy = [*processes.values(), bench.component]
+        cpu_before = sum(cpu_seconds(p.pid) for p in busy)
+        spies = ({label: record_profile(p.pid, os.path.join(bench.workdir, f"profile-{name}-{label}.txt"),
+                                        args.seconds)
+                  for label, p in processes.items()} if args.profile else {})
+        started = time.monotonic()
+        results = _parallel_wrk([f"http://127.0.0.1:{port}/" for port in a_outward], script, args.seconds, share)
+        loaded = time.monotonic() - started
+        drained = wait_empty(a_outward) - started if queued else loaded
+        cpu = sum(cpu_seconds(p.pid) for p in busy) - cpu_before
+        ran = metric_sum(b_outward, "fedserver_inbound_requests_total", peer=A[0], outcome="success") - ran_before
+        delivered = delivered_by(a_outward) - delivered_before
+        # wrk counts the answers it read; the calls in flight when it stopped were taken too
+        accepted = sum(r["requests"] - r["status_errors"] for r in results)
+        sent = int(delivered if queued else ran)
+        result = _combine(results, seconds=loaded)
+        if spies:
+            result["profile"] = {label: finish_profile(*spy) for label, spy in spies.items()}
+        result.update({
+            "title": title,
+            "accepted": accepted,
+            "delivered": sent,
+            # one call per connection, and one more per wrk, that wrk had not counted when it stopped
+            "in_flight_allowance": args.connections + workers,
+            "delivered_per_s": sent / drained if drained else None,
+            "drain_s": max(0.0, drained - loaded),
+            "component_calls": int(ran),
+            "cpu_ms_per_request": cpu * 1000 / accepted if accepted else None,
+            "peak_rss_mb": {label: peak_rss_mb(p.pid) for label, p in processes.items()},
+        })
+        return result
+    finally:
+        bench.processes.stop(processes.values())
+
+
+def _parallel_wrk(urls: List[str], script: str, seconds: float, share: argparse.Namespace) -> List[Dict[str, Any]]:
+    """wrk against every URL at once (one worker each): their results."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
+        return list(pool.map(lambda url: run_wrk(url, script, seconds, share), urls))
+
+
+def _combine(results: List[Dict[str, Any]], seconds: float) -> Dict[str, Any]:
+    """One wrk result of several run side by side: requests added, latencies the worst."""
+    return {
+        "requests": sum(r["requests"] for r in results),
+        "requests_per_s": sum(r["requests_per_s"] for r in results),
+        "latency_ms": {p: max(r["latency_ms"][p] for r in results) for p in ("50", "90", "99")},
+        "errors": sum(r["errors"] for r in results),
+        "status_errors": sum(r["status_errors"] for r in results),
+        "load_s": seconds,
+    }
+
+
+def wait_empty(a_outward: List[int]) -> float:
+    """Wait until a.example's queue is empty on every worker; the moment it was (monotonic)."""
+    deadline = time.monotonic() + DRAIN_WAIT
+    while True:
+        depth = sum(metric_sum(port, "fedserver_queue_depth") for port in a_outward)
+        if depth == 0:
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise ScenarioError(f"{depth:.0f} calls are still queued after {DRAIN_WAIT:.0f} s")
+        time.sleep(0.05)
+
+
+def ratios(results: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
+    def rate(name: str, key: str) -> Optional[float]:
+        return results.get(name, {}).get(key)
+
+    pairs = {
+        "queued-sqlite accepted / direct": (rate("queued-sqlite", "requests_per_s"), rate("direct", "requests_per_s")),
+        "queued-sqlite delivered / direct": (rate("queued-sqlite", "delivered_per_s"),
+                                             rate("direct", "requests_per_s")),
+        "queued-sqlite delivered / queued-sqlite-1": (rate("queued-sqlite", "delivered_per_s"),
+                                                      rate("queued-sqlite-1", "delivered_per_s")),
+        "queued-postgresql delivered / queued-sqlite": (rate("queued-postgresql", "delivered_per_s"),
+                                                        rate("queued-sqlite", "delivered_per_s")),
+        "queued-postgresql-2 delivered / queued-postgresql": (rate("queued-postgresql-2", "delivered_per_s"),
+                                                              rate("queued-postgresql", "delivered_per_s")),
+    }
+    return {pair: mine / theirs for pair, (mine, theirs) in pairs.items() if mine and theirs}
+
+
+def checks(results: Dict[str, Dict[str, Any]]) -> List[Dict[str, str]]:
+    """
+    Every accepted call was delivered, b.example was called once per
+    delivery (no call sent twice), and nothing failed.  wrk does not count
+    the calls in flight when it stopped, so up to one per connection (and
+    one per wrk) more than it counted may have been taken and delivered.
+    """
+    found = []
+    for name, r in results.items():
+        if "error" in r:
+            continue
+        taken = r["accepted"] <= r["delivered"] <= r["accepted"] + r["in_flight_allowance"]
+        once = r["component_calls"] == r["delivered"] if SCENARIOS[name][4] else taken
+        ok = taken and once and r["errors"] == 0
+        found.append({"result": "PASS" if ok else "FAIL",
+                      "check": f"{name}: every accepted call delivered, each once",
+                      "detail": f"{r['accepted']} accepted (wrk), {r['delivered']} delivered, "
+                                f"{r['component_calls']} calls at b.example, {r['errors']} errors"})
+    return found
+
+
+def report(document: Dict[str, Any]) -> str:
+    settings = document["settings"]
+    lines = [f"fedserver queue bench: {settings['seconds']:g} s of load per scenario, {settings['connections']} "
+             f"connections, {settings['destinations']} destinations, {document['machine']['cpus']} CPUs", "",
+             f"{'scenario':<22} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'CPU ms/req':>10} "
+             f"{'delivered/s':>11} {'drain s':>8}  peak RSS MB"]
+    for name, r in document["scenarios"].items():
+        if "error" in r:
+            lines.append(f"{name:<22} could not run: {r['error'].splitlines()[0]}")
+            continue
+        rss = ", ".join(f"{label} {mb:.0f}" for label, mb in r["peak_rss_mb"].items() if mb is not None)
+        lines.append(f"{name:<22} {wrk_cells(r, cpu_digits=2)} {r['delivered_per_s']:>11.0f} "
+                     f"{r['drain_s']:>8.1f}  {rss}")
+    lines.append("")
+    for pair, ratio in document["ratios"].items():
+        lines.append(f"{pair:<52} {ratio:5.2f} x")
+    for name, r in document["scenarios"].items():
+        for label, profile in r.get("profile", {}).items():
+            lines += ["", f"profile of {name} {label} ({profile.get('samples', 0)} samples, py-spy)"]
+            if "error" in profile:
+                lines.append(f"  {profile['error']}")
+                continue
+            for kind in ("own", "inclusive"):
+                lines.append(f"  {kind}:")
+                lines += [f"    {row['share'] * 100:5.1f} %  {row['function']}" for row in profile[kind]]
+    lines.append("")
+    for c in document["checks"]:
+        lines.append(f"{c['result']:<4}  {c['check']}: {c['detail']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0] + " (see bench/README.md)")
+    parser.add_argument("--seconds", type=float, default=5, help="seconds of load per scenario (default 5)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument("--destinations", type=int, default=8,
+                        help="destination domains of the spread scenarios (default 8)")
+    parser.add_argument("--postgresql", default=POSTGRESQL, metavar="URL",
+                        help=f"a PostgreSQL server where the bench may create a database (default {POSTGRESQL})")
+    parser.add_argument("--profile", action="store_true",
+                        help="record each fedserver process with py-spy during the load and print where the time went")
+    parser.add_argument("--only", action="append", choices=list(SCENARIOS), metavar="SCENARIO",
+                        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.connections < 2 or not 1 <= args.destinations <= 100:
+        parser.error("need --seconds > 0, --connections >= 2 and 1 <= --destinations <= 100")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if wrk_missing() or (args.profile and py_spy_missing()):
+        return 2
+    if not os.path.exists(os.path.join(BIN, "twistd")):
+        print(f"bench: no twistd next to {sys.executable}: run this with the Python fedserver is installed in",
+              file=sys.stderr)
+        return 1
+    workdir, processes = start_work("fedserver-queue-bench-")
+    results: Dict[str, Dict[str, Any]] = {}
+    bench: Optional[Bench] = None
+    interrupted = False
+    try:
+        bench = Bench(workdir, processes, args)
+        for name in args.only or SCENARIOS:
+            print(f"bench: {name} ({SCENARIOS[name][0]})...", file=sys.stderr, flush=True)
+            try:
+                results[name] = measure(bench, name)
+            except ScenarioError as e:
+                print(f"bench: {name} could not run: {e}", file=sys.stderr, flush=True)
+                results[name] = {"title": SCENARIOS[name][0], "error": str(e)}
+    except ScenarioError as e:
+        print(f"bench: cannot start: {e}", file=sys.stderr)
+        results["setup"] = {"error": str(e)}
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        wind_down(processes)
+        if bench is not None and bench.database is not None:
+            bench.database.drop()
+    if interrupted:
+        return interrupted_exit(workdir)
+    document = {
+        "when": now(),
+        "machine": machine(),
+        "settings": {"seconds": args.seconds, "connections": args.connections, "destinations": args.destinations,
+                     "body_bytes": len(BODY)},
+        "scenarios": results,
+        "ratios": ratios(results),
+        "checks": checks(results),
+    }
+    print(report(document))
+    failed = any("error" in r for r in results.values()) or any(c["result"] != "PASS" for c in document["checks"])
+    return finish(document, "queue-latest.json", args, workdir, failed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
