@@ -68,10 +68,10 @@ from run import (
     peak_rss_mb,
     py_spy_missing,
     record_profile,
+    run_scenarios,
     run_wrk,
     start_fedserver,
     start_work,
-    wind_down,
     wrk_cells,
     wrk_missing,
 )
@@ -420,27 +420,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 1
     workdir, processes = start_work("fedserver-queue-bench-")
-    results: Dict[str, Dict[str, Any]] = {}
-    bench: Optional[Bench] = None
-    interrupted = False
-    try:
-        bench = Bench(workdir, processes, args)
-        for name in args.only or SCENARIOS:
-            print(f"bench: {name} ({SCENARIOS[name][0]})...", file=sys.stderr, flush=True)
-            try:
-                results[name] = measure(bench, name)
-            except ScenarioError as e:
-                print(f"bench: {name} could not run: {e}", file=sys.stderr, flush=True)
-                results[name] = {"title": SCENARIOS[name][0], "error": str(e)}
-    except ScenarioError as e:
-        print(f"bench: cannot start: {e}", file=sys.stderr)
-        results["setup"] = {"error": str(e)}
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        wind_down(processes)
+
+    def drop_database(bench: Optional[Bench]) -> None:
         if bench is not None and bench.database is not None:
             bench.database.drop()
+
+    results, interrupted = run_scenarios(
+        {name: SCENARIOS[name][0] for name in args.only or SCENARIOS}, processes,
+        lambda: Bench(workdir, processes, args), measure, drop_database,
+    )
     if interrupted:
         return interrupted_exit(workdir)
     document = {

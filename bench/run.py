@@ -667,24 +667,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
     workdir, processes = start_work("fedserver-bench-")
-    results: Dict[str, Dict[str, Any]] = {}
-    interrupted = False
-    try:
-        bench = Bench(workdir, processes)
-        for name in args.only or SCENARIOS:
-            print(f"bench: {name} ({SCENARIOS[name][0]})...", file=sys.stderr, flush=True)
-            try:
-                results[name] = measure(bench, name, args)
-            except ScenarioError as e:
-                print(f"bench: {name} could not run: {e}", file=sys.stderr, flush=True)
-                results[name] = {"title": SCENARIOS[name][0], "error": str(e)}
-    except ScenarioError as e:
-        print(f"bench: cannot start: {e}", file=sys.stderr)
-        results["setup"] = {"error": str(e)}
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        wind_down(processes)
+    results, interrupted = run_scenarios(
+        {name: SCENARIOS[name][0] for name in args.only or SCENARIOS}, processes,
+        lambda: Bench(workdir, processes), lambda bench, name: measure(bench, name, args),
+    )
     if interrupted:
         return interrupted_exit(workdir)
     failed = any("error" in r for r in results.values())
@@ -701,6 +687,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     print(report(document))
     return finish(document, "latest.json", args, workdir, failed)
+
+
+def run_scenarios(
+    titles: Dict[str, str],
+    processes: Processes,
+    setup: Callable[[], Any],
+    measure_one: Callable[[Any, str], Dict[str, Any]],
+    cleanup: Callable[[Any], None] = lambda bench: None,
+) -> Tuple[Dict[str, Dict[str, Any]], bool]:
+    """
+    Run each scenario named in C{titles} with C{measure_one(bench, name)},
+    C{bench} being what C{setup()} made; a scenario that cannot run is
+    recorded with its error, the others still run.  Afterwards (also on
+    Ctrl-C) stop every process and call C{cleanup(bench)} (C{bench} is
+    C{None} if the setup failed).  Returns the results and whether the run
+    was interrupted.
+    """
+    results: Dict[str, Dict[str, Any]] = {}
+    bench = None
+    interrupted = False
+    try:
+        bench = setup()
+        for name, title in titles.items():
+            print(f"bench: {name} ({title})...", file=sys.stderr, flush=True)
+            try:
+                results[name] = measure_one(bench, name)
+            except ScenarioError as e:
+                print(f"bench: {name} could not run: {e}", file=sys.stderr, flush=True)
+                results[name] = {"title": title, "error": str(e)}
+    except ScenarioError as e:
+        print(f"bench: cannot start: {e}", file=sys.stderr)
+        results["setup"] = {"error": str(e)}
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        wind_down(processes)
+        cleanup(bench)
+    return results, interrupted
 
 
 def wind_down(processes: Processes) -> None:

@@ -710,19 +710,26 @@ def test_two_workers_never_hand_out_a_key_package_twice(workers: Tuple[str, List
 # Matrix transactions, shared
 
 
-@pytest_twisted.ensureDeferred
-async def test_matrix_transaction_answers_are_shared_by_two_stores(pg: Database) -> None:
+def transaction_workers(url: str) -> Tuple[List[Store], List[Any]]:
+    """Two processes' stores on one database, running, each with its Matrix transactions."""
     from twisted.internet import reactor
 
-    from fedserver.values import Response
     from fedserver_matrix.transactions import Transactions
 
-    url = pg.schema()
     stores = [Store(url, reactor=reactor) for _ in range(2)]
     workers = [Transactions(store, reactor) for store in stores]
     stores[0].migrate()
     for store in stores:
         store.startService()
+    return stores, workers
+
+
+@pytest_twisted.ensureDeferred
+async def test_matrix_transaction_answers_are_shared_by_two_stores(pg: Database) -> None:
+    from fedserver.values import Response
+
+    url = pg.schema()
+    stores, workers = transaction_workers(url)
     processed: List[str] = []
 
     def process(worker: str) -> Any:
@@ -756,14 +763,9 @@ async def test_one_matrix_transaction_in_flight_per_origin_across_stores(pg: Dat
     from twisted.internet import reactor
 
     from fedserver.values import Response
-    from fedserver_matrix.transactions import Transactions
 
     url = pg.schema()
-    stores = [Store(url, reactor=reactor) for _ in range(2)]
-    workers = [Transactions(store, reactor) for store in stores]
-    stores[0].migrate()
-    for store in stores:
-        store.startService()
+    stores, workers = transaction_workers(url)
     answer = Response(200, [("Content-Type", "application/json")], b'{"pdus": {}}')
     pending: Deferred = Deferred()
     calls: List[str] = []
