@@ -4,7 +4,10 @@ The benchmark's local component: a minimal twisted.web JSON service.
     python bench/component.py --port 8081
 
 It answers C{POST /federation/{rpc}} with a small JSON document (L{answer}),
-as brig answers C{get-user-by-handle}, and logs nothing per request.  The
+as brig answers C{get-user-by-handle}, and logs nothing per request.  It
+counts the calls it answered and their distinct bodies: C{GET /stats}
+answers C{{"calls": N, "distinct": M}} (bench/outbound_queue.py checks with
+it that no call arrived twice).  The
 C{direct} scenario loads it alone (the one-hop ceiling); the C{naive} and
 C{fedserver} scenarios forward to it.  L{QuietSite} and L{serve} are shared
 with the naive proxies, so every Twisted server of the benchmark is set up
@@ -45,9 +48,14 @@ class QuietSite(server.Site):
 
 
 class Federation(resource.Resource):
-    """C{/federation/{rpc}}: the component's answer for C{rpc}."""
+    """C{/federation/{rpc}}: the component's answer for C{rpc}; C{/stats}: what it answered."""
 
     isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.bodies: set = set()
 
     def render_POST(self, request: server.Request) -> bytes:
         path = request.postpath or []
@@ -55,7 +63,16 @@ class Federation(resource.Resource):
         if len(path) != 2 or path[0] != b"federation":
             request.setResponseCode(404)
             return b'{"label":"no-endpoint"}'
+        self.calls += 1
+        self.bodies.add(request.content.read() if request.content is not None else b"")
         return answer(path[1].decode("latin-1"))
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        if request.postpath != [b"stats"]:
+            request.setResponseCode(404)
+            return b'{"label":"no-endpoint"}'
+        return json.dumps({"calls": self.calls, "distinct": len(self.bodies)}).encode()
 
 
 def serve(root: resource.Resource, port: int,

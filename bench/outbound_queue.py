@@ -29,22 +29,29 @@ many destinations to deliver to in parallel:
 - C{queued-postgresql-2}: two a.example processes (workers) on one
   PostgreSQL database, each loaded by its own wrk with half the connections.
 
-For the queued scenarios wrk loads for C{--seconds}; then the bench waits
-until a.example's queue is empty (C{fedserver_queue_depth} on C{/metrics}) and
-reports the calls accepted per second (wrk), the calls delivered per second
-(accepted calls over the time from the start of the load to the empty
-queue) and the calls b.example's component ran (from b.example's
-C{/metrics}: each accepted call must reach it once).  Prints a table and
-ratios, writes bench/results/queue-latest.json (and --json FILE).  Exits 0
-when everything ran and every accepted call reached b.example once,
-1 otherwise, 2 when wrk is missing.  Every process it starts is stopped, and
+Each call's body carries its own id.  wrk loads for C{--seconds}; for the
+queued scenarios the bench then waits until a.example's workers have
+delivered every call committed to the queue (the destinations' sequence
+numbers in a.example's database say how many;
+C{fedserver_queue_attempts_total} on C{/metrics} counts the deliveries).
+It reports the calls accepted per second (wrk), the calls delivered per
+second (from the start of the load to the last delivery), the drain time
+after the load and CPU ms per call over every process, and checks that the
+calls a.example took, the calls it delivered, the calls the component ran
+and the distinct bodies the component saw are the same number (none lost,
+none run twice).  Prints a table and ratios, writes
+bench/results/queue-latest.json (and --json FILE).  Exits 0 when
+everything ran and the checks pass, 1 otherwise, 2 when wrk is missing.
+Every process it starts is stopped, and
 the PostgreSQL database dropped, before it exits, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
+import json
 import os
 import secrets
 import sys
@@ -78,7 +85,8 @@ from run import (
 
 A, B = ("a.example", "fed.a.example"), ("b.example", "fed.b.example")
 RPC = "on-bench"
-BODY = '{"conversation":"5a4d7f2e-9c1b-4e0a-8f3d-2b6c1e9a7d40","message":"hello, b.example"}'
+#: the body of each call: C{%s} becomes the call's own id (the worker and a counter)
+BODY = '{"conversation":"5a4d7f2e-9c1b-4e0a-8f3d-2b6c1e9a7d40","message":"hello, b.example","n":"%s"}'
 #: seconds the queue may take to empty after the load, at most
 DRAIN_WAIT = 600.0
 POSTGRESQL = os.environ.get("FEDSERVER_BENCH_POSTGRESQL", "postgresql://127.0.0.1:5432/postgres")
@@ -143,19 +151,21 @@ class Bench:
         self.component = processes.start("component", [sys.executable, os.path.join(BENCH, "component.py"),
                                                        "--port", str(self.component_port)], [self.component_port])
 
-    def script(self, name: str, destinations: List[str], queued: bool) -> str:
-        """A wrk script POSTing the body to C{destinations} in turn."""
-        path = os.path.join(self.workdir, f"{name}.lua")
+    def script(self, destinations: List[str], queued: bool, worker: str) -> str:
+        """A wrk script POSTing a body with its own id (C{worker}, a counter) to C{destinations} in turn."""
+        path = os.path.join(self.workdir, f"{worker}.lua")
         delivery = "queued" if queued else "direct"
         names = ", ".join(f'"{d}"' for d in destinations)
         with open(path, "w") as f:
             f.write(f'local destinations = {{{names}}}\nlocal n = 0\n'
-                    f'wrk.method = "POST"\nwrk.body = \'{BODY}\'\n'
+                    f'wrk.method = "POST"\n'
                     'wrk.headers["Content-Type"] = "application/json"\n'
                     f'wrk.headers["Fedserver-Delivery"] = "{delivery}"\n'
                     'request = function()\n'
                     '  n = n + 1\n'
-                    f'  return wrk.format(nil, "/rpc/" .. destinations[n % #destinations + 1] .. "/brig/{RPC}")\n'
+                    f'  local body = string.format(\'{BODY}\', "{worker}-" .. n)\n'
+                    f'  return wrk.format(nil, "/rpc/" .. destinations[n % #destinations + 1] .. "/brig/{RPC}", '
+                    'nil, body)\n'
                     'end\n')
         return path
 
@@ -179,8 +189,12 @@ class Bench:
             config["components"] = components
         return config
 
-    def start(self, name: str, storage: str, workers: int) -> Tuple[Dict[str, Any], List[int], int]:
-        """b.example and C{workers} a.example processes: (processes, a's outward ports, b's outward port)."""
+    def start(self, name: str, storage: str, workers: int) -> Tuple[Dict[str, Any], List[int], str]:
+        """
+        b.example and C{workers} a.example processes: the processes, a's
+        outward ports and a's database (a PostgreSQL URL, or the SQLite
+        file of its one worker).
+        """
         b_in, b_out = free_port(), free_port()
         a_ports = [(free_port(), free_port()) for _ in range(workers)]
         served_by_b = {"infra_domain": B[1], "host": "127.0.0.1", "port": b_in}
@@ -194,6 +208,7 @@ class Bench:
             if self.database is None:
                 self.database = Database(self.args.postgresql)
             database = self.database.schema()
+        a_database = database or os.path.join(self.workdir, f"var/{name}-a", "fedserver.sqlite")
         processes: Dict[str, Any] = {"b": b}
         for i, (a_in, a_out) in enumerate(a_ports):
             label = "a" if workers == 1 else f"a{i + 1}"
@@ -202,7 +217,7 @@ class Bench:
                 discovery={B[0]: served_by_b, **{d: served_by_b for d in self.destinations}},
                 allow=[B[0], *self.destinations],
             ), [a_in, a_out])
-        return processes, [out for _, out in a_ports], b_out
+        return processes, [out for _, out in a_ports], a_database
 
 
 def metric_sum(port: int, name: str, **labels: str) -> float:
@@ -232,7 +247,7 @@ def queued_once(port: int, destination: str, queued: bool) -> None:
     """One call through the outward listener, which must be answered 202 (queued) or 200 (direct)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        connection.request("POST", f"/rpc/{destination}/brig/{RPC}", body=BODY, headers={
+        connection.request("POST", f"/rpc/{destination}/brig/{RPC}", body=BODY % f"first-{port}", headers={
             "Content-Type": "application/json", "Fedserver-Delivery": "queued" if queued else "direct"})
         response = connection.getresponse()
         body = response.read()
@@ -246,14 +261,16 @@ def measure(bench: Bench, name: str) -> Dict[str, Any]:
     title, storage, spread, workers, queued = SCENARIOS[name]
     args = bench.args
     destinations = [B[0]] if spread == "one" else bench.destinations
-    processes, a_outward, b_outward = bench.start(name, storage, workers)
+    processes, a_outward, a_database = bench.start(name, storage, workers)
     try:
         for port in a_outward:
             queued_once(port, destinations[0], queued)
-        wait_empty(a_outward)
-        ran_before = metric_sum(b_outward, "fedserver_inbound_requests_total", peer=A[0], outcome="success")
+        if queued:
+            wait_delivered(a_outward, len(a_outward))
+        taken_before = queued_in(a_database) if queued else 0
+        component_before = component_stats(bench.component_port)
         delivered_before = delivered_by(a_outward)
-        script = bench.script(name, destinations, queued)
+        scripts = [bench.script(destinations, queued, f"{name}-{worker}") for worker in range(workers)]
         share = argparse.Namespace(threads=1, connections=max(1, args.connections // workers))
         busy = [*processes.values(), bench.component]
         cpu_before = sum(cpu_seconds(p.pid) for p in busy)
@@ -261,28 +278,34 @@ def measure(bench: Bench, name: str) -> Dict[str, Any]:
                                         args.seconds)
                   for label, p in processes.items()} if args.profile else {})
         started = time.monotonic()
-        results = _parallel_wrk([f"http://127.0.0.1:{port}/" for port in a_outward], script, args.seconds, share)
+        targets = [(f"http://127.0.0.1:{port}/", script) for port, script in zip(a_outward, scripts, strict=True)]
+        results = _parallel_wrk(targets, args.seconds, share)
         loaded = time.monotonic() - started
-        drained = wait_empty(a_outward) - started if queued else loaded
+        component_calls = component_stats(bench.component_port)["calls"] - component_before["calls"]
+        if queued:
+            # every call committed to a.example's queue: wrk stopped without reading the answers of the
+            # last few, which may still be committing; so until no more come
+            taken = -1
+            while taken != (taken := queued_in(a_database) - taken_before):
+                wait_delivered(a_outward, delivered_before + taken)
+        else:
+            taken = component_calls  # a direct call is only known taken once it ran
+        drained = time.monotonic() - started if queued else loaded
         cpu = sum(cpu_seconds(p.pid) for p in busy) - cpu_before
-        ran = metric_sum(b_outward, "fedserver_inbound_requests_total", peer=A[0], outcome="success") - ran_before
-        delivered = delivered_by(a_outward) - delivered_before
-        # wrk counts the answers it read; the calls in flight when it stopped were taken too
-        accepted = sum(r["requests"] - r["status_errors"] for r in results)
-        sent = int(delivered if queued else ran)
+        component = component_stats(bench.component_port)
+        delivered = int(delivered_by(a_outward) - delivered_before) if queued else taken
         result = _combine(results, seconds=loaded)
         if spies:
             result["profile"] = {label: finish_profile(*spy) for label, spy in spies.items()}
         result.update({
             "title": title,
-            "accepted": accepted,
-            "delivered": sent,
-            # one call per connection, and one more per wrk, that wrk had not counted when it stopped
-            "in_flight_allowance": args.connections + workers,
-            "delivered_per_s": sent / drained if drained else None,
+            "taken": taken,
+            "delivered": delivered,
+            "component_calls": component["calls"] - component_before["calls"],
+            "component_distinct": component["distinct"] - component_before["distinct"],
+            "delivered_per_s": delivered / drained if drained else None,
             "drain_s": max(0.0, drained - loaded),
-            "component_calls": int(ran),
-            "cpu_ms_per_request": cpu * 1000 / accepted if accepted else None,
+            "cpu_ms_per_request": cpu * 1000 / taken if taken else None,
             "peak_rss_mb": {label: peak_rss_mb(p.pid) for label, p in processes.items()},
         })
         return result
@@ -290,12 +313,41 @@ def measure(bench: Bench, name: str) -> Dict[str, Any]:
         bench.processes.stop(processes.values())
 
 
-def _parallel_wrk(urls: List[str], script: str, seconds: float, share: argparse.Namespace) -> List[Dict[str, Any]]:
-    """wrk against every URL at once (one worker each): their results."""
+def queued_in(database: str) -> int:
+    """
+    The calls ever committed to a.example's queue: each destination numbers
+    its items from 1 (C{next_seq}), in the transaction that queues them.
+    """
+    sql = "SELECT COALESCE(SUM(next_seq - 1), 0) FROM fedserver_queue_destinations"
+    if database.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(database, autocommit=True, connect_timeout=10) as connection:
+            row = connection.execute(sql).fetchone()
+    else:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)) as connection:
+            row = connection.execute(sql).fetchone()
+    return int(row[0]) if row else 0
+
+
+def component_stats(port: int) -> Dict[str, int]:
+    """The calls the component answered and their distinct bodies, so far."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/stats")
+        return dict(json.loads(connection.getresponse().read()))
+    finally:
+        connection.close()
+
+
+def _parallel_wrk(targets: List[Tuple[str, str]], seconds: float, share: argparse.Namespace) -> List[Dict[str, Any]]:
+    """wrk against every (URL, script) at once (one per worker): their results."""
     import concurrent.futures
 
-    with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
-        return list(pool.map(lambda url: run_wrk(url, script, seconds, share), urls))
+    with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
+        return list(pool.map(lambda target: run_wrk(target[0], target[1], seconds, share), targets))
 
 
 def _combine(results: List[Dict[str, Any]], seconds: float) -> Dict[str, Any]:
@@ -310,16 +362,13 @@ def _combine(results: List[Dict[str, Any]], seconds: float) -> Dict[str, Any]:
     }
 
 
-def wait_empty(a_outward: List[int]) -> float:
-    """Wait until a.example's queue is empty on every worker; the moment it was (monotonic)."""
+def wait_delivered(a_outward: List[int], total: float) -> None:
+    """Wait until a.example's workers have delivered C{total} calls in all (their C{/metrics})."""
     deadline = time.monotonic() + DRAIN_WAIT
-    while True:
-        depth = sum(metric_sum(port, "fedserver_queue_depth") for port in a_outward)
-        if depth == 0:
-            return time.monotonic()
+    while (delivered := delivered_by(a_outward)) < total:
         if time.monotonic() > deadline:
-            raise ScenarioError(f"{depth:.0f} calls are still queued after {DRAIN_WAIT:.0f} s")
-        time.sleep(0.05)
+            raise ScenarioError(f"{total - delivered:.0f} calls are still not delivered after {DRAIN_WAIT:.0f} s")
+        time.sleep(0.02)
 
 
 def ratios(results: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
@@ -342,22 +391,20 @@ def ratios(results: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
 
 def checks(results: Dict[str, Dict[str, Any]]) -> List[Dict[str, str]]:
     """
-    Every accepted call was delivered, b.example was called once per
-    delivery (no call sent twice), and nothing failed.  wrk does not count
-    the calls in flight when it stopped, so up to one per connection (and
-    one per wrk) more than it counted may have been taken and delivered.
+    Every call a.example took (committed to its queue; for a direct call,
+    ran at the component) was delivered once and ran once at the
+    component, which saw each call's own body once; nothing failed.
     """
     found = []
     for name, r in results.items():
         if "error" in r:
             continue
-        taken = r["accepted"] <= r["delivered"] <= r["accepted"] + r["in_flight_allowance"]
-        once = r["component_calls"] == r["delivered"] if SCENARIOS[name][4] else taken
-        ok = taken and once and r["errors"] == 0
+        ok = (r["taken"] == r["delivered"] == r["component_calls"] == r["component_distinct"]
+              and r["errors"] == 0)
         found.append({"result": "PASS" if ok else "FAIL",
-                      "check": f"{name}: every accepted call delivered, each once",
-                      "detail": f"{r['accepted']} accepted (wrk), {r['delivered']} delivered, "
-                                f"{r['component_calls']} calls at b.example, {r['errors']} errors"})
+                      "check": f"{name}: every call taken was delivered and ran once",
+                      "detail": f"{r['taken']} taken, {r['delivered']} delivered, {r['component_calls']} ran at "
+                                f"the component ({r['component_distinct']} distinct), {r['errors']} errors"})
     return found
 
 
@@ -431,7 +478,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     if interrupted:
         return interrupted_exit(workdir)
-    document = {
+    document: Dict[str, Any] = {
         "when": now(),
         "machine": machine(),
         "settings": {"seconds": args.seconds, "connections": args.connections, "destinations": args.destinations,

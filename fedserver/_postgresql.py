@@ -55,6 +55,12 @@ Error = psycopg.Error
 #: tries of a transaction that failed with one of L{RETRY_SQLSTATES}
 MAX_ATTEMPTS = 5
 
+#: how long a grouped work waits for a row another transaction holds before
+#: it is rolled back to its savepoint and run again alone after its group: a
+#: process's groups run one at a time, so a longer wait would hold up every
+#: grouped work of the process
+GROUP_LOCK_TIMEOUT_MS = 100
+
 RETRY_SQLSTATES = frozenset({
     "40001",  # serialization_failure
     "40P01",  # deadlock_detected
@@ -241,15 +247,21 @@ def in_transaction(cursor: Any, work: Callable[..., Any], *args: Any) -> Any:
         attempt += 1
 
 
-def in_group(cursor: Any, works: List[Tuple[Callable[..., Any], Tuple[Any, ...]]]) -> List[Tuple[bool, Any]]:
+def in_group(cursor: Any,
+             works: List[Tuple[Callable[..., Any], Tuple[Any, ...]]]) -> List[Optional[Tuple[bool, Any]]]:
     """
     L{fedserver.storage.Store.run_grouped}'s transaction: as on SQLite, each
     work in a savepoint of one transaction, in order.  A work that fails for
     a passing reason (it collided with another process) is rolled back to
-    its savepoint and run again alone, after the group commits.
+    its savepoint, and its outcome is C{None}: the store runs it again
+    alone, in a transaction of its own, after the group committed.  So is
+    one that waits longer than L{GROUP_LOCK_TIMEOUT_MS} for a row another
+    transaction holds, so that it does not hold up the rest of its group
+    (and a deadlock between two processes' groups ends at once).
     """
     outcomes: List[Optional[Tuple[bool, Any]]] = []
     cursor.execute("BEGIN")
+    cursor.execute(f"SET LOCAL lock_timeout = {GROUP_LOCK_TIMEOUT_MS}")
     try:
         for work, args in works:
             cursor.execute("SAVEPOINT grouped")
@@ -265,12 +277,4 @@ def in_group(cursor: Any, works: List[Tuple[Callable[..., Any], Tuple[Any, ...]]
     except BaseException:
         _rollback(cursor)
         raise
-    final: List[Tuple[bool, Any]] = []
-    for (work, args), outcome in zip(works, outcomes, strict=True):
-        if outcome is None:
-            try:
-                outcome = (True, in_transaction(cursor, work, *args))
-            except Exception:
-                outcome = (False, Failure())
-        final.append(outcome)
-    return final
+    return outcomes

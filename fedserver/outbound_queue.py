@@ -273,8 +273,8 @@ class OutboundQueue(Service):
     ) -> None:
         self._store = store
         # Group commit pays on SQLite, where one writer syncs the disk at every commit. On PostgreSQL
-        # each work keeps its own transaction: a group would hold the destinations' rows it locked
-        # until its commit, and the groups of several workers deadlock on them.
+        # each work keeps its own transaction: every work updates its destination's row, a group holds
+        # the rows it updated until its commit, and the groups of several workers wait on each other.
         self._run_short = store.run_grouped if store.dialect.name == "sqlite" else store.run_interaction
         self._pipeline = pipeline
         self.backend_domain = backend_domain
@@ -398,8 +398,10 @@ class OutboundQueue(Service):
         request_id: Optional[str] = None,
     ) -> Deferred[str]:
         """
-        Queue one call (see L{item}) in a transaction of its own; fire with
-        its id once it is committed.  Authorization is the caller's: the
+        Queue one call (see L{item}); fire with its id once it is committed
+        (on SQLite in a commit it may share with other calls, see
+        L{fedserver.storage.Store.run_grouped}; if that commit fails, so does
+        this).  Authorization is the caller's: the
         pipeline authorizes each attempt again, and a refusal then is a
         dead letter.
         """

@@ -410,8 +410,12 @@ class Store(Service):
 
         On PostgreSQL the groups of one process run one at a time, on one
         connection, as on SQLite; a work that collided with another process
-        (a deadlock, a unique key taken meanwhile) is rolled back to its
-        savepoint and run again alone right after its group's commit.
+        (a deadlock, a unique key taken meanwhile) or waited more than 100
+        ms for a row another transaction holds is rolled back to its
+        savepoint and, once its group committed, run again alone in a
+        transaction of its own (as L{run_interaction}), so that the next
+        groups need not wait for it: it may then run after works given
+        later.
 
         For short works only: the others of its group wait for each one.
         """
@@ -434,11 +438,14 @@ class Store(Service):
                 d.errback(outcome)
         else:
             self.groups_committed += 1
-            for (_, _, d), (ok, result) in zip(group, outcome, strict=True):
-                if ok:
-                    d.callback(result)
+            for (work, args, d), done in zip(group, outcome, strict=True):
+                if done is None:
+                    # it collided with another process or waited for its rows (PostgreSQL): alone now
+                    self.run_interaction(work, *args).chainDeferred(d)
+                elif done[0]:
+                    d.callback(done[1])
                 else:
-                    d.errback(result)
+                    d.errback(done[1])
         # works given by those callbacks wait for the next group, which starts now with all that are waiting
         self._grouping = False
         if self._waiting and self._pool is not None:

@@ -425,6 +425,46 @@ async def test_a_check_then_insert_race_is_run_again(pg: Database, method: str) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_grouped_work_waiting_for_a_row_does_not_hold_up_its_group(pg: Database) -> None:
+    """
+    Another process holds a row: the grouped work that wants it gives up
+    after the lock timeout and runs again alone once its group committed,
+    so the rest of the group is not held up while the other holds the row.
+    """
+    from twisted.internet import reactor
+
+    url = pg.schema()
+    store = store_for(url, reactor, items=[ITEMS_V1])
+    store.migrate()
+    store.startService()
+    holder = psycopg.connect(url, autocommit=True)
+    try:
+        await bounded(store.run_operation("INSERT INTO items (id, name) VALUES (1, 'held')"))
+        holder.execute("BEGIN")
+        holder.execute("UPDATE items SET name = 'holder' WHERE id = 1")
+        done: List[str] = []
+
+        def rename(cursor: Any, row: int, name: str) -> str:
+            cursor.execute("UPDATE items SET name = ? WHERE id = ?", (name, row))
+            if cursor.rowcount == 0:
+                cursor.execute("INSERT INTO items (id, name) VALUES (?, ?)", (row, name))
+            return name
+
+        waiting = store.run_grouped(rename, 1, "grouped")
+        free = store.run_grouped(rename, 2, "free")
+        waiting.addCallback(done.append)
+        assert await bounded(free) == "free"  # committed while the row is still held
+        assert done == []
+        holder.execute("COMMIT")
+        await bounded(waiting)  # run alone after the holder let go
+        assert done == ["grouped"]
+    finally:
+        holder.close()
+        store.stopService()
+    assert pg_rows(url, "SELECT id, name FROM items ORDER BY id") == [(1, "grouped"), (2, "free")]
+
+
+@pytest_twisted.ensureDeferred
 async def test_skip_locked_takes_different_rows(pg: Database) -> None:
     from twisted.internet import reactor
 
