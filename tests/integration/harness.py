@@ -11,6 +11,7 @@ import http.client
 import http.server
 import json
 import os
+import random
 import socket
 import ssl
 import subprocess
@@ -30,11 +31,33 @@ def tool(name: str) -> str:
     return os.path.join(BIN, name)
 
 
+#: where L{free_port} looks: below Linux's ephemeral range (32768 and up), so
+#: that no outgoing connection of another process takes the port as its own
+#: end between the choice and the server's listening on it; above the
+#: examples' fixed ports (17080 to 29443)
+_PORTS = range(29500, 32700)
+
+
+_given: set = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """
+    A TCP port on 127.0.0.1 that nothing uses right now, outside the
+    ephemeral range, and not given before in this run (a test asks for
+    several before it starts anything on them).
+    """
+    if len(_given) > len(_PORTS) // 2:
+        _given.clear()
+    for port in random.sample([p for p in _PORTS if p not in _given], 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            _given.add(port)
+            return port
+    raise AssertionError(f"no free TCP port on 127.0.0.1 in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def wait_for_port(port: int, process: Optional[subprocess.Popen] = None, timeout: float = WAIT) -> None:
