@@ -239,21 +239,39 @@ class Pipeline:
     async def _send(self, request: OutboundRequest) -> Response:
         if not self.observers:
             return await self._limited_deliver(request)
-        started = self.timer()
         component, rpc = route_names(request.path)
+        return await self._observed(
+            "outbound", component, rpc, request.header("Request-Id"), lambda: request.destination,
+            self._limited_deliver(request),
+            lambda code: ("federation-remote-error", f"{request.destination} answered {code}"),
+        )
+
+    async def _observed(
+        self, direction: str, component: str, rpc: str, request_id: Optional[str],
+        domain: Callable[[], Optional[str]], call: Awaitable[Response],
+        refused: Callable[[int], Tuple[str, str]],
+    ) -> Response:
+        """
+        Await C{call} and tell the observers how it went (L{CallOutcome});
+        C{domain()} is the call's domain once known, C{refused(code)} the
+        label and message of an answer that is not 2xx.
+        """
+        started = self.timer()
 
         def notify(label: Optional[str], code: Optional[int], message: str) -> None:
-            self._notify(CallOutcome("outbound", request.destination, component, rpc, label, code, message,
-                                     self.timer() - started, request.header("Request-Id")))
+            self._notify(CallOutcome(direction, domain(), component, rpc, label, code, message,
+                                     self.timer() - started, request_id))
 
         try:
-            response = await self._limited_deliver(request)
+            response = await call
         except Exception as e:
             notify(*_failure_outcome(e))
             raise
-        ok = 200 <= response.code < 300
-        notify(None if ok else "federation-remote-error", response.code,
-               "" if ok else f"{request.destination} answered {response.code}")
+        if 200 <= response.code < 300:
+            notify(None, response.code, "")
+        else:
+            label, message = refused(response.code)
+            notify(label, response.code, message)
         return response
 
     def outbound_load(self, destination: str) -> Tuple[int, int]:
@@ -349,25 +367,15 @@ class Pipeline:
         self, request: InboundRequest, component: str, rpc: str, request_id: str,
         serve: Optional[Callable[[Peer], Awaitable[Response]]],
     ) -> Response:
-        if not self.observers:
-            return await self._dispatch_inbound(request, component, rpc, request_id, [], serve)
-        started = self.timer()
         established: List[Peer] = []
-
-        def notify(label: Optional[str], code: Optional[int], message: str) -> None:
-            domain = established[0].claimed_domain if established else None
-            self._notify(CallOutcome("inbound", domain, component, rpc, label, code, message,
-                                     self.timer() - started, request_id))
-
-        try:
-            response = await self._dispatch_inbound(request, component, rpc, request_id, established, serve)
-        except Exception as e:
-            notify(*_failure_outcome(e))
-            raise
-        ok = 200 <= response.code < 300
-        notify(None if ok else "component-error", response.code,
-               "" if ok else f"the component {component} answered {response.code}")
-        return response
+        dispatched = self._dispatch_inbound(request, component, rpc, request_id, established, serve)
+        if not self.observers:
+            return await dispatched
+        return await self._observed(
+            "inbound", component, rpc, request_id,
+            lambda: established[0].claimed_domain if established else None, dispatched,
+            lambda code: ("component-error", f"the component {component} answered {code}"),
+        )
 
     async def _dispatch_inbound(
         self, request: InboundRequest, component: str, rpc: str, request_id: str, established: List[Peer],

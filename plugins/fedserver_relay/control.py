@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import enum
 import unicodedata
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import attrs
 
@@ -63,10 +63,12 @@ from fedserver_relay.frames import (
     MAX_FRAME_SIZE,
     MAX_TTL,
     ROOM_HASH_SIZE,
+    DecodeError,
     Frame,
     FrameError,
     decode_frame,
     encode_frame,
+    int_in,
 )
 
 __all__ = [
@@ -142,36 +144,16 @@ _MAX_PAYLOAD: dict[int, int] = {
 }
 
 
-class ControlError(ValueError):
+class ControlError(DecodeError):
     """
-    The bytes are not an acceptable control message.
-
-    @ivar offset: the byte offset where the problem was found, counted from
-        the start of the stream (or of the message, for L{decode_control}).
-    @ivar field: the dotted name of the field being read.
-    @ivar reason: what is wrong, in words.
+    The bytes are not an acceptable control message; C{offset} counts from
+    the start of the stream (or of the message, for L{decode_control}).
     """
 
-    def __init__(self, offset: int, field: str, reason: str) -> None:
-        super().__init__(f"invalid relay control message at offset {offset} ({field}): {reason}")
-        self.offset = offset
-        self.field = field
-        self.reason = reason
+    what = "relay control message"
 
 
 # Value types; each checks its fields on construction, so each encodes.
-
-_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
-
-
-def _int_in(low: int, high: int) -> _Validator:
-    def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{attribute.name} must be an integer, not {type(value).__name__}")
-        if not low <= value <= high:
-            raise ValueError(f"{attribute.name} must be between {low} and {high}, not {value}")
-
-    return check
 
 
 def _nonce(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -255,8 +237,8 @@ class Hello:
 
     versions: frozenset[int] = attrs.field(converter=_versions, validator=_check_versions)
     label: str = attrs.field(validator=_check_label)
-    udp_port: int = attrs.field(validator=_int_in(0, 65535))
-    max_hops: int = attrs.field(validator=_int_in(1, MAX_TTL))
+    udp_port: int = attrs.field(validator=int_in(0, 65535))
+    max_hops: int = attrs.field(validator=int_in(1, MAX_TTL))
 
 
 @attrs.frozen

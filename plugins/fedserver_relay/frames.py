@@ -79,13 +79,16 @@ __all__ = [
     "MAX_TTL",
     "ROOM_HASH_SIZE",
     "SEAL_OVERHEAD",
+    "DecodeError",
     "DuplicateFilter",
     "Frame",
     "FrameError",
+    "Validator",
     "check_payload",
     "check_ttl",
     "decode_frame",
     "encode_frame",
+    "int_in",
     "next_hop",
     "room_hash",
     "unchecked_frame",
@@ -125,26 +128,36 @@ _HEADER = struct.Struct(f">B{ROOM_HASH_SIZE}s{SHORT_ID_SIZE}sBQH")
 assert _HEADER.size == FRAME_HEADER_SIZE
 
 
-class FrameError(ValueError):
+class DecodeError(ValueError):
     """
-    The bytes are not an acceptable relay frame.
+    Bytes of the relay protocol that are not acceptable; the subclass says
+    what they should have been (C{what}).
 
     @ivar offset: the byte offset in the input where the problem was found.
-    @ivar field: the name of the field being read.
+    @ivar field: the (dotted) name of the field being read.
     @ivar reason: what is wrong, in words.
     """
 
+    what = "relay protocol data"
+
     def __init__(self, offset: int, field: str, reason: str) -> None:
-        super().__init__(f"invalid relay frame at offset {offset} ({field}): {reason}")
+        super().__init__(f"invalid {self.what} at offset {offset} ({field}): {reason}")
         self.offset = offset
         self.field = field
         self.reason = reason
 
 
-_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+class FrameError(DecodeError):
+    """The bytes are not an acceptable relay frame."""
+
+    what = "relay frame"
 
 
-def _fixed_bytes(size: int) -> _Validator:
+#: an attrs validator
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def _fixed_bytes(size: int) -> Validator:
     def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if not isinstance(value, bytes):
             raise TypeError(f"{attribute.name} must be bytes, not {type(value).__name__}")
@@ -154,7 +167,9 @@ def _fixed_bytes(size: int) -> _Validator:
     return check
 
 
-def _int_in(low: int, high: int) -> _Validator:
+def int_in(low: int, high: int) -> Validator:
+    """An attrs validator: an integer (not a bool) from C{low} to C{high}."""
+
     def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{attribute.name} must be an integer, not {type(value).__name__}")
@@ -213,8 +228,8 @@ class Frame:
 
     room_hash: bytes = attrs.field(validator=_fixed_bytes(ROOM_HASH_SIZE))
     origin: bytes = attrs.field(validator=_fixed_bytes(SHORT_ID_SIZE))
-    ttl: int = attrs.field(validator=_int_in(0, MAX_TTL))
-    packet_id: int = attrs.field(validator=_int_in(0, MAX_PACKET_ID))
+    ttl: int = attrs.field(validator=int_in(0, MAX_TTL))
+    packet_id: int = attrs.field(validator=int_in(0, MAX_PACKET_ID))
     payload: bytes = attrs.field(validator=_payload, repr=_payload_repr)
 
 

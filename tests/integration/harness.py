@@ -73,6 +73,23 @@ def wait_for_port(port: int, process: Optional[subprocess.Popen] = None, timeout
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+def wait_until(what: str, check: Callable[[], Any], timeout: float = WAIT,
+               on_timeout: Callable[[], str] = str) -> Any:
+    """
+    Poll C{check} until it returns something true, and return that; after
+    C{timeout} seconds fail naming C{what}, the last value and
+    C{on_timeout()} (logs, say).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})\n{on_timeout()}")
+        time.sleep(0.05)
+
+
 def stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
     """Terminate C{process}; kill it if it does not exit in time."""
     if process.poll() is None:

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from tests.integration.harness import PKI, Component, Fedserver, backend_config, free_port, tls_context
+from tests.integration.harness import PKI, Component, Fedserver, backend_config, free_port, tls_context, wait_until
 
 HELD = 1000
 #: the inward listener's [limits] max_connections: room for HELD and a few more
@@ -156,10 +156,8 @@ def _metric(server: Fedserver, name: str) -> int:
 
 
 def _wait_for_connections(server: Fedserver, count: int) -> None:
-    deadline = time.monotonic() + WAIT
-    while (seen := _metric(server, 'fedserver_connections{listener="inward"}')) != count:
-        assert time.monotonic() < deadline, f"{seen} inward connections open, waiting for {count}"
-        time.sleep(0.1)
+    wait_until(f"{count} inward connections open",
+               lambda: _metric(server, 'fedserver_connections{listener="inward"}') == count, WAIT)
 
 
 def test_a_thousand_connections_are_held_with_bounded_memory(backend: Dict[str, Any]) -> None:

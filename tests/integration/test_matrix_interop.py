@@ -18,7 +18,7 @@ from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import verify_signed_json
 
 from fedserver_matrix.keys import decode_base64, generate_signing_key, write_signing_keys
-from tests.integration.harness import PKI, Component, Fedserver, free_port, post, post_tls, tls_context
+from tests.integration.harness import PKI, Component, Fedserver, free_port, post, post_tls, tls_context, wait_until
 from tests.integration.synapse import SynapseServer, synapse_or_skip
 
 
@@ -65,16 +65,6 @@ def matrix(tmp_path_factory: Any) -> Iterator[Dict[str, Any]]:
         homeserver.close()
 
 
-def _wait_for(check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError("not seen in time")
-
-
 def test_synapse_queries_a_profile_through_fedserver(matrix: Dict[str, Any]) -> None:
     synapse = matrix["synapse"]
     bob = synapse.register("bob")
@@ -100,7 +90,7 @@ def test_a_synapse_transaction_with_an_edu_reaches_the_homeserver(matrix: Dict[s
                     return document
         return None
 
-    document = _wait_for(transaction)
+    document = wait_until("Synapse's transaction with the to-device EDU", transaction)
     assert document["origin"] == synapse.server_name
     (edu,) = [e for e in document["edus"] if e["edu_type"] == "m.direct_to_device"]
     assert edu["content"]["messages"][f"@alice:{matrix['server_name']}"]["*"] == {"hello": "fedserver"}

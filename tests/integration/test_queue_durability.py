@@ -13,23 +13,13 @@ import json
 import signal
 import subprocess
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-from tests.integration.harness import PKI, Component, Fedserver, backend_config, free_port, post, tool
+from tests.integration.harness import PKI, Component, Fedserver, backend_config, free_port, post, tool, wait_until
 
 N = 20
 #: seconds any one wait in this test may take
 WAIT = 60.0
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def queue_command(config_path: str, *args: str) -> Any:
@@ -78,13 +68,13 @@ def test_a_killed_worker_with_queued_items_loses_nothing(tmp_path: Any) -> None:
             assert code == 202, answer
             ids.append(answer["queued"])
         assert len(set(ids)) == N
-        waiting = wait_until(lambda: (d := destination(a.config_path)) and d["failures"] >= 1 and d,
-                             "a failed attempt to b")
+        waiting = wait_until("a failed attempt to b",
+                             lambda: (d := destination(a.config_path)) and d["failures"] >= 1 and d, WAIT)
         assert waiting["depth"] == N and "federation-connection-refused" in waiting["last_error"]
 
         # 2. b comes up; a delivers one at a time; a is killed while one is at b's component
         b = start("b", b_config)
-        wait_until(lambda: len(component.requests) >= 5, "five deliveries")
+        wait_until("five deliveries", lambda: len(component.requests) >= 5, WAIT)
         a.process.send_signal(signal.SIGKILL)
         a.process.wait(timeout=30)
         at_kill = len(component.requests)
@@ -94,8 +84,8 @@ def test_a_killed_worker_with_queued_items_loses_nothing(tmp_path: Any) -> None:
 
         # 3. a starts again and finishes: each item exactly once, in order
         a = start("a", a_config)
-        wait_until(lambda: len(component.requests) >= N, "every delivery")
-        wait_until(lambda: destination(a.config_path) is None, "a's queue to empty")
+        wait_until("every delivery", lambda: len(component.requests) >= N, WAIT)
+        wait_until("a's queue to empty", lambda: destination(a.config_path) is None, WAIT)
         time.sleep(0.5)  # anything sent twice would arrive now
         received = [json.loads(body)["n"] for _, _, body in component.requests]
         assert received == list(range(N)), received

@@ -25,7 +25,7 @@ import pytest
 
 from fedserver_relay.fingerprint import fingerprint_of_pem, format_fingerprint, short_id
 from fedserver_relay.participants import JOINED, MEDIA_OUT, VERSION, join_datagram, media_datagram
-from tests.integration.harness import PKI, Fedserver, backend_config, free_port, post, wait_for_port
+from tests.integration.harness import PKI, Fedserver, backend_config, free_port, post, wait_for_port, wait_until
 
 ROOM = "standup"
 TOKEN = "sixteen-or-more-characters"
@@ -42,18 +42,6 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = WAIT, on_timeout: Callable[[], str] = str) -> Any:
-    """Poll C{check} until it returns something true; fail naming C{what} after C{timeout} seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})\n{on_timeout()}")
-        time.sleep(0.05)
 
 
 class Participant:
