@@ -260,8 +260,8 @@ def in_group(cursor: Any,
     (and a deadlock between two processes' groups ends at once).
     """
     outcomes: List[Optional[Tuple[bool, Any]]] = []
-    cursor.execute("BEGIN")
-    cursor.execute(f"SET LOCAL lock_timeout = {GROUP_LOCK_TIMEOUT_MS}")
+    # one round trip (a query without parameters may hold several statements)
+    cursor.execute(f"BEGIN; SET LOCAL lock_timeout = {GROUP_LOCK_TIMEOUT_MS}")
     try:
         for work, args in works:
             cursor.execute("SAVEPOINT grouped")
